@@ -1,0 +1,232 @@
+"""The `mobilezoo` command: list, info, train, eval, predict, bench, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+# Flags shared by train/eval that map onto recipe fields.
+RECIPE_FLAGS = {
+    "model": "model.name", "data": "data.name", "epochs": "train.epochs",
+    "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "data.img_size",
+    "device": "train.device", "precision": "train.precision", "workers": "data.workers",
+    "seed": "train.seed", "out": "out", "ema": "train.ema_decay", "threads": "train.threads",
+}
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe field, e.g. --set optim.weight_decay=0.1")
+    p.add_argument("--data", help="embedded dataset name (digits) or a folder with train/ and val/")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip unreadable samples (counted and reported) instead of stopping")
+    if training:
+        p.add_argument("--model", help="model name (see `mobilezoo list`)")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--img-size", type=int)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--ema", type=float, metavar="DECAY", help="EMA of weights (0 = off)")
+        p.add_argument("--out", help="run directory to write")
+
+
+def _overrides(args) -> list[str]:
+    out = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in RECIPE_FLAGS.items()
+           if getattr(args, flag, None) is not None]
+    if getattr(args, "skip_bad_samples", False):
+        out.append("data.skip_bad_samples=true")
+    return out + args.set
+
+
+def cmd_list(args) -> int:
+    from .models import get_entry, list_models
+    names = list_models(args.task)
+    if args.task and not names:
+        raise UserError(f"no models for task {args.task!r}")
+    for n in names:
+        print(f"{n:24s} {get_entry(n).task}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .deploy.profile import model_info
+    info = model_info(args.name, args.img_size, num_classes=args.num_classes,
+                      **dict(_parse_kv(kv) for kv in args.arg))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.name}: {info['params']:,} parameters, {info['macs'] / 1e9:.3f} GMACs "
+              f"at {'x'.join(map(str, info['input_size']))}")
+        for k, shape in info["output_shapes"].items():
+            print(f"  {k:10s} {shape}")
+    return 0
+
+
+def _parse_kv(kv: str):
+    import yaml
+    if "=" not in kv:
+        raise UserError(f"--arg {kv!r}: expected KEY=VALUE, e.g. rel_pos=false")
+    k, v = kv.split("=", 1)
+    return k, yaml.safe_load(v)
+
+
+def cmd_train(args) -> int:
+    from .engine import fit
+    from .recipes import load_recipe
+    from .tasks import build_task
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run}: not a run directory (no config.yaml)")
+        recipe = load_recipe(str(run / "config.yaml"), _overrides(args) + [f"out={json.dumps(str(run))}"])
+    else:
+        recipe = load_recipe(args.recipe or "classify_digits", _overrides(args))
+    fit(recipe, build_task(recipe), resume=bool(args.resume), stop_after=args.stop_after)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine import Context, evaluate, load_run, resolve_device
+    from .engine.loop import eval_loader
+    recipe, task, model = load_run(args.run, _overrides(args))
+    ctx = Context(resolve_device(recipe.train.device), recipe.train.precision)
+    metrics = evaluate(model.to(ctx.device), eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
+    out = Path(args.out or args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    task.report(out, metrics, [])
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2) if args.json else f"{args.run}: {task.summary(metrics)}"
+          + (f" ({metrics['skipped']} unreadable samples skipped)" if metrics["skipped"] else ""))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .engine import load_run, resolve_device
+    from .tasks.classification import write_predictions
+    recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
+    device = resolve_device(recipe.train.device)
+    torch.set_grad_enabled(False)
+    preds = task.predict(model.to(device), args.inputs, topk=args.topk, device=device)
+    text = write_predictions(preds, Path(args.out) if args.out else None)
+    if not args.out:
+        print(text)
+    else:
+        for p in preds:
+            best = p["topk"][0]
+            print(f"{p['file']}: {best['label']} ({100 * best['prob']:.1f}%)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .deploy.bench import benchmark, format_markdown
+    rows = benchmark(args.models, args.vs, args.img_size, threads=args.threads,
+                     precisions=args.precision, batch=args.batch, iters=args.iters,
+                     log=lambda m: print(m, file=sys.stderr))
+    print(format_markdown(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = argparse.ArgumentParser(prog="mobilezoo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("list", help="list registered models")
+    s.add_argument("--task", help="only models of this task (classify, ...)")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("info", help="parameters, MACs and output shapes of a model")
+    s.add_argument("name")
+    s.add_argument("--img-size", type=int, nargs="+", metavar="N", help="input side, or H W")
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor option, e.g. rel_pos=false")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("train", help="train a model from a recipe")
+    s.add_argument("recipe", nargs="?", help="packaged recipe name or YAML path (default classify_digits)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    s.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs of this invocation (resume later)")
+    _add_recipe_flags(s, training=True)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a trained run on its (or another) val split")
+    s.add_argument("run", help="run directory (config.yaml + model.safetensors)")
+    s.add_argument("--out", help="where to write eval.json and figures (default the run dir)")
+    s.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    _add_recipe_flags(s, training=False)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("predict", help="predict on image files or folders")
+    s.add_argument("run", help="run directory")
+    s.add_argument("inputs", nargs="+", help="image files or folders")
+    s.add_argument("--topk", type=int, default=5)
+    s.add_argument("--out", help="write predictions JSON here (default: print it)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s against timm peers")
+    s.add_argument("models", nargs="+", help="our model names, or timm:NAME[@SIZE] for any timm model")
+    s.add_argument("--vs", nargs="*", default=[], metavar="timm:NAME[@SIZE]",
+                   help="peers timed in the same run; ratios are reported against them")
+    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
+    s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs per round")
+    s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("demo", help="train, evaluate and predict on the embedded data")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="a few epochs on a subset (seconds)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[-1] if lines else type(e).__name__
+    # Errors raised in DataLoader workers come back with the worker's traceback in the message.
+    for prefix in ("mobilezoo.errors.", "mobilezoo.models.weights.", "mobilezoo.models.registry."):
+        if line.startswith(prefix):
+            line = line.split(": ", 1)[-1]
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2, Ctrl-C exits 130."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"mobilezoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobilezoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

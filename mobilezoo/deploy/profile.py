@@ -1,0 +1,52 @@
+"""Parameter counts, MACs and output shapes, computed on the meta device (no memory, no time)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models import create_model, get_entry
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable variables; BN running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass: FlopCounterMode FLOPs / 2 (conv + matmul + SDPA)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(inputs)
+    return counter.get_total_flops() // 2
+
+
+def _shapes(out) -> dict:
+    if isinstance(out, torch.Tensor):
+        return {"output": list(out.shape)}
+    if isinstance(out, (list, tuple)):
+        return {f"output{i}": list(o.shape) for i, o in enumerate(out)}
+    return {k: list(v.shape) for k, v in out.items()}
+
+
+def model_info(name: str, img_size: list[int] | int | None = None, batch: int = 1, **kwargs) -> dict:
+    """params, macs (per image), input_size and output_shapes (logits and feature maps) of a model."""
+    entry = get_entry(name)
+    c, *hw = entry.input_size
+    if img_size:
+        sizes = [img_size] if isinstance(img_size, int) else list(img_size)
+        hw = sizes * 2 if len(sizes) == 1 else sizes
+    with torch.device("meta"):
+        model = create_model(name, **kwargs).eval()
+        x = torch.empty(batch, c, *hw)
+        info = {"params": count_params(model), "macs": count_macs(model, x) // batch,
+                "input_size": [c, *hw]}
+        with torch.no_grad():
+            info["output_shapes"] = _shapes(model(x))
+            if entry.task == "classify" and not kwargs.get("features_only"):
+                kwargs = {**kwargs, "features_only": True}
+                kwargs.pop("num_classes", None)
+                backbone = create_model(name, **kwargs).eval()
+                reductions = [backbone.feature_info[i]["reduction"] for i in backbone.out_indices]
+                info["output_shapes"].update({f"stride{r}": list(f.shape)
+                                              for r, f in zip(reductions, backbone(x))})
+    return info

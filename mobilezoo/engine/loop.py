@@ -1,0 +1,292 @@
+"""fit / evaluate: the single loop behind every task's train and eval commands."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..errors import TrainingDiverged, UserError
+from ..models.weights import load_weights
+from ..recipes import Recipe, load_recipe
+from .checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpoint, save_checkpoint
+from .distributed import (DistInfo, ShardSampler, all_reduce_sum, convert_sync_batchnorm,
+                          init_distributed, is_distributed)
+from .optim import build_optimizer, build_scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """Where and how the loop runs: device, precision, and the process's rank."""
+
+    device: torch.device
+    precision: str = "fp32"
+    dist: DistInfo = DistInfo()
+
+    def autocast(self):
+        """bf16 autocast on CPU or CUDA when precision is bf16, else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def to_device(obj, device: torch.device):
+    """Move every tensor in a (nested) batch to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+class SeededDataset(Dataset):
+    """Each item is drawn under its own seed (seed, epoch, index): augmentation is reproducible
+    whatever the number of workers or ranks, and across a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+            return self.dataset[index]
+
+
+def _loader(task, dataset, batch_size: int, workers: int, sampler) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=task.collate, drop_last=isinstance(sampler, DistributedSampler),
+                      persistent_workers=False)
+
+
+def eval_loader(task, dataset: Dataset, recipe: Recipe, ctx: Context) -> DataLoader:
+    """A loader that gives each rank a disjoint shard covering the dataset exactly once."""
+    bs = recipe.data.eval_batch_size or recipe.data.batch_size
+    return _loader(task, dataset, bs, recipe.data.workers,
+                   ShardSampler(len(dataset), ctx.dist.rank, ctx.dist.world_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task, ctx: Context) -> dict:
+    """Run the task's metric over the loader, summed over ranks."""
+    model.eval()
+    metric, skipped = task.metric(), 0
+    for batch in loader:
+        skipped += batch.pop("skipped", 0)
+        if batch:
+            with ctx.autocast():
+                task.eval_step(model, to_device(batch, ctx.device), metric)
+    metric.reduce()
+    out = metric.compute()
+    out["skipped"] = int(all_reduce_sum(torch.tensor(float(skipped))).item())
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task, ctx: Context) -> None:
+    """Recompute BatchNorm running statistics as a plain average over `num_batches` batches.
+
+    Short from-scratch runs with the official momentum (0.01) leave running statistics far from
+    the data; this restores them (see DESIGN.md, 'Facts measured'). Under DDP the synced
+    BatchNorm already averages over ranks, so every rank must see the same number of batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or num_batches <= 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[]):  # drop path would consume the training RNG
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            batch.pop("skipped", 0)
+            if batch:
+                with ctx.autocast():
+                    task.forward(model, to_device(batch, ctx.device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+
+
+def calibration_loader(task, recipe: Recipe, ctx: Context) -> DataLoader:
+    """Training samples with eval transforms in a fixed shuffled order, equal batches per rank."""
+    dataset = task.calibration_dataset()
+    sampler = DistributedSampler(dataset, ctx.dist.world_size, ctx.dist.rank, shuffle=True,
+                                 seed=12345, drop_last=True)
+    bs = recipe.data.eval_batch_size or recipe.data.batch_size
+    return _loader(task, dataset, max(1, bs // ctx.dist.world_size), recipe.data.workers, sampler)
+
+
+def _log(ctx: Context, msg: str) -> None:
+    if ctx.dist.is_main:
+        tqdm.write(msg)
+
+
+def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train per the recipe into `recipe.out`; with `resume`, continue from its last checkpoint.
+
+    `stop_after` ends this invocation after that many epochs, leaving a resumable run."""
+    device = resolve_device(recipe.train.device)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    ctx = Context(device, recipe.train.precision, init_distributed(device))
+    world = ctx.dist.world_size
+    if recipe.data.batch_size % world:
+        raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by the "
+                        f"{world} processes (it is the global batch)")
+    run_dir = Path(recipe.out)
+    if ctx.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.train.seed)
+    random.seed(recipe.train.seed)
+
+    train_set, val_set = task.datasets()
+    model = task.build_model().to(device)
+    if recipe.model.checkpoint and not resume:
+        load_weights(model, recipe.model.checkpoint)
+    if world > 1:
+        model = convert_sync_batchnorm(model, device)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.train.ema_decay),
+                         use_buffers=True) if recipe.train.ema_decay > 0 else None)
+    train_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                   if world > 1 else model)
+
+    seeded = SeededDataset(train_set, recipe.train.seed)
+    sampler = DistributedSampler(seeded, world, ctx.dist.rank, shuffle=True,
+                                 seed=recipe.train.seed, drop_last=True)
+    train_loader = _loader(task, seeded, recipe.data.batch_size // world, recipe.data.workers, sampler)
+    val_loader = eval_loader(task, val_set, recipe, ctx)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training samples cannot fill one batch of "
+                        f"{recipe.data.batch_size}; lower data.batch_size")
+    total = steps_per_epoch * recipe.train.epochs
+    optimizer = build_optimizer(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.betas)
+    scheduler = build_scheduler(optimizer, total, round(recipe.optim.warmup_epochs * steps_per_epoch),
+                                recipe.optim.min_lr_ratio)
+
+    start_epoch, step, history = 0, 0, []
+    if resume:
+        state = load_checkpoint(run_dir, model, optimizer, scheduler, ema)
+        start_epoch, step = state["epoch"], state["step"]
+        history = _read_history(run_dir)[: start_epoch]
+    elif ctx.dist.is_main:
+        (run_dir / "metrics.jsonl").write_text("")
+    if ctx.dist.is_main:
+        recipe.save(run_dir / "config.yaml")
+
+    calib_loader = None
+    if recipe.train.bn_recalibrate > 0:
+        calib_loader = calibration_loader(task, recipe, ctx)
+    eval_model = ema.module if ema is not None else model
+    metrics: dict = history[-1] if history else {}
+    t_start = time.time()
+    last_epoch = recipe.train.epochs if stop_after is None else min(recipe.train.epochs,
+                                                                    start_epoch + stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        seeded.epoch = epoch
+        torch.manual_seed(recipe.train.seed * 7919 + epoch * 104729 + ctx.dist.rank)
+        train_model.train()
+        t0, seen, loss_sum, skipped = time.time(), 0, 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
+                   disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            skipped += batch.pop("skipped", 0)
+            batch = to_device(batch, device)
+            with ctx.autocast():
+                loss = task.loss(train_model, batch)
+            finite = torch.isfinite(loss.detach()).float()
+            if all_reduce_sum(finite.clone()).item() < world:
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is kept in {run_dir} (try a lower optim.lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            n = task.batch_size(batch)
+            seen += n
+            loss_sum += loss.item() * n
+            bar.set_postfix(loss=f"{loss.item():.4f}", ips=f"{seen / (time.time() - t0):.1f}")
+        stats = torch.tensor([loss_sum, float(seen), float(skipped)], dtype=torch.float64)
+        all_reduce_sum(stats)
+        record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                  "train_loss": stats[0].item() / max(stats[1].item(), 1),
+                  "train_skipped": int(stats[2].item()),
+                  "samples_per_s": stats[1].item() / (time.time() - t0)}
+        if (epoch + 1) % recipe.train.eval_every == 0 or epoch + 1 == recipe.train.epochs:
+            if calib_loader is not None:
+                recalibrate_bn(eval_model, calib_loader, recipe.train.bn_recalibrate, task, ctx)
+            metrics = evaluate(eval_model, val_loader, task, ctx)
+            record.update({f"val_{k}": v for k, v in metrics.items() if not isinstance(v, list)})
+        history.append(record)
+        if ctx.dist.is_main:
+            save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            skipped_note = f", skipped {record['train_skipped']} bad samples" if record["train_skipped"] else ""
+            _log(ctx, f"epoch {epoch + 1}/{recipe.train.epochs}: loss {record['train_loss']:.4f}, "
+                      f"{record['samples_per_s']:.1f} samples/s{skipped_note}"
+                      + (f", val {task.summary(metrics)}" if "val_skipped" in record else ""))
+    if is_distributed():
+        torch.distributed.barrier()
+    if ctx.dist.is_main and last_epoch == recipe.train.epochs:
+        lines = task.report(run_dir, metrics, history)
+        from .report import write_report
+        write_report(run_dir, recipe, history, lines)
+        _log(ctx, f"done: {recipe.train.epochs} epochs ({time.time() - t_start:.0f} s this run), "
+                  f"val {task.summary(metrics)}; run directory {run_dir}")
+    return metrics
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None):
+    """(recipe, task, model) of a finished run directory, with its best weights loaded (EMA if any)."""
+    from ..tasks import build_task
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    recipe = load_recipe(str(run_dir / "config.yaml"), overrides)
+    task = build_task(recipe)
+    model = task.build_model()
+    weights = run_dir / EMA_WEIGHTS if (run_dir / EMA_WEIGHTS).is_file() else run_dir / WEIGHTS
+    load_weights(model, weights)
+    return recipe, task, model.eval()
+

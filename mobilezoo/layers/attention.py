@@ -1,0 +1,79 @@
+"""Multi-head self-attention over 2D windows with a resizable relative-position bias (CoAtNet/MOAT)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def relative_position_index(h: int, w: int, device=None) -> torch.Tensor:
+    """[h*w, h*w] indices into a flattened (2h-1, 2w-1) table: key minus query, offset to >= 0."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                            indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[None, :] - ys[:, None] + h - 1  # rows are queries, columns keys
+    dx = xs[None, :] - xs[:, None] + w - 1
+    return dy * (2 * w - 1) + dx
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W, C) -> (N * windows, h * w, C) for non-overlapping h x w windows."""
+    n, hh, ww, c = x.shape
+    h, w = window
+    if hh % h or ww % w:
+        raise ValueError(f"feature map {hh}x{ww} is not divisible by the attention window {h}x{w}")
+    x = x.view(n, hh // h, h, ww // w, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h * w, c)
+
+
+def window_merge(x: torch.Tensor, window: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `window_partition`: (N * windows, h * w, C) -> (N, H, W, C)."""
+    (h, w), (hh, ww) = window, size
+    c = x.shape[-1]
+    x = x.view(-1, hh // h, ww // w, h, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, hh, ww, c)
+
+
+class RelPosAttention2d(nn.Module):
+    """Pre-LN window (or global) attention on an NCHW map; returns the attention branch, NCHW.
+
+    The bias table has a fixed size (2P-1)^2 per head and is bilinearly resized to (2h-1, 2w-1)
+    for each window (h, w) at run time, so one set of weights serves every input size.
+    `window=None` attends over the whole runtime feature map.
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, window: tuple[int, int] | int | None = None,
+                 pos_size: int | None = 14, ln_eps: float = 1e-5):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"attention width {dim} is not a multiple of the head size {head_dim}")
+        self.num_heads, self.head_dim = dim // head_dim, head_dim
+        self.window = (window, window) if isinstance(window, int) else window
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.qkv = nn.Linear(dim, 3 * dim)  # [q; k; v], each head-major: TF q/k/v concatenated
+        self.proj = nn.Linear(dim, dim)
+        self.rel_table = (nn.Parameter(torch.zeros(self.num_heads, 2 * pos_size - 1, 2 * pos_size - 1))
+                          if pos_size else None)
+        self._index_cache: dict = {}
+
+    def relative_bias(self, h: int, w: int) -> torch.Tensor:
+        """[heads, h*w, h*w] bias for an h x w window, from the resized table."""
+        table = self.rel_table
+        if table.shape[-2:] != (2 * h - 1, 2 * w - 1):
+            table = F.interpolate(table[None], size=(2 * h - 1, 2 * w - 1), mode="bilinear",
+                                  align_corners=False)[0]
+        key = (h, w, table.device)
+        if key not in self._index_cache:
+            self._index_cache[key] = relative_position_index(h, w, table.device)
+        return table.flatten(1)[:, self._index_cache[key]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hh, ww = x.shape
+        window = self.window or (hh, ww)
+        t = window_partition(self.norm(x.permute(0, 2, 3, 1)), window)
+        b, length, _ = t.shape
+        q, k, v = self.qkv(t).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = None if self.rel_table is None else self.relative_bias(*window).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = self.proj(out.transpose(1, 2).reshape(b, length, c))
+        return window_merge(out, window, (hh, ww)).permute(0, 3, 1, 2)

@@ -1,0 +1,87 @@
+"""Convolutions with TensorFlow 'same' padding, and conv -> norm -> activation."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tf_same_pad(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding that TF 'SAME' applies along one axis of length `size`."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _is_symmetric(kernel: int, stride: int, dilation: int) -> bool:
+    # With stride 1 TF 'SAME' is symmetric for odd kernels, whatever the input size.
+    return stride == 1 and ((kernel - 1) * dilation) % 2 == 0
+
+
+class Conv2dSame(nn.Conv2d):
+    """nn.Conv2d with TF 'SAME' padding (asymmetric for strided convs, computed per input)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True):
+        sym = _is_symmetric(kernel_size, stride, dilation)
+        super().__init__(in_ch, out_ch, kernel_size, stride,
+                         padding=(kernel_size - 1) * dilation // 2 if sym else 0,
+                         dilation=dilation, groups=groups, bias=bias)
+        self.dynamic = not sym
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+            ph, pw = tf_same_pad(x.shape[-2], k, s, d), tf_same_pad(x.shape[-1], k, s, d)
+            x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+        return super().forward(x)
+
+
+class AvgPool2dSame(nn.Module):
+    """Average pooling with TF 'SAME' padding whose padded cells are excluded from the mean."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size, self.stride
+        ph, pw = tf_same_pad(x.shape[-2], k, s), tf_same_pad(x.shape[-1], k, s)
+        if ph == (0, 0) and pw == (0, 0):
+            return F.avg_pool2d(x, k, s)
+        pad = (pw[0], pw[1], ph[0], ph[1])
+        summed = F.avg_pool2d(F.pad(x, pad), k, s, divisor_override=1)
+        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        count = F.avg_pool2d(F.pad(ones, pad), k, s, divisor_override=1)
+        return summed / count
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME"
+
+
+def make_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
+              bias: bool = False, padding: str = "same") -> nn.Conv2d:
+    """A conv with TF 'same' padding or PyTorch's symmetric `(k - 1) // 2` padding."""
+    if padding == "same":
+        return Conv2dSame(in_ch, out_ch, kernel_size, stride, groups=groups, bias=bias)
+    if padding == "symmetric":
+        return nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2,
+                         groups=groups, bias=bias)
+    raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv -> BatchNorm -> activation; norm and activation are optional."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1, bias: bool = False, padding: str = "same",
+                 norm: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+                 act: Callable[[], nn.Module] | None = nn.ReLU):
+        layers = [make_conv(in_ch, out_ch, kernel_size, stride, groups, bias, padding)]
+        if norm is not None:
+            layers.append(norm(out_ch))
+        if act is not None:
+            layers.append(act())
+        super().__init__(*layers)

@@ -1,0 +1,7 @@
+"""Model families; importing this registers every model (here and in timm)."""
+from . import moat  # noqa: F401  (registers the MOAT variants)
+from .registry import UnknownModelError, create_model, get_entry, list_models
+from .weights import CheckpointError, load_weights, save_weights
+
+__all__ = ["create_model", "list_models", "get_entry", "UnknownModelError",
+           "load_weights", "save_weights", "CheckpointError"]

@@ -1,0 +1,75 @@
+"""One registry of model factories, mirrored into timm's so `timm.create_model` finds them too."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from .weights import load_weights
+
+_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model name: its task, factory and default input size."""
+
+    name: str
+    task: str
+    factory: Callable[..., nn.Module]
+    input_size: tuple[int, ...]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+class UnknownModelError(UserError, ValueError):
+    """Raised for a model name that is not registered."""
+
+
+def register(name: str, task: str, factory: Callable[..., nn.Module],
+             input_size: tuple[int, ...], module: str) -> None:
+    """Register `factory` under `name` here and in timm's registry."""
+    _REGISTRY[name] = ModelEntry(name, task, factory, input_size)
+    try:
+        from timm.models import register_model
+    except ImportError:  # timm is optional for the library itself
+        return
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name}: mobilezoo downloads nothing; load weights with "
+                             "checkpoint=PATH instead of pretrained=True")
+        for key in _TIMM_KWARGS:
+            kwargs.pop(key, None)
+        return factory(**kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = module
+    register_model(entrypoint)
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names, optionally only those of one task."""
+    return sorted(n for n, e in _REGISTRY.items() if task is None or e.task == task)
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry for `name`, or an error that lists the closest names."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}{hint} (see `mobilezoo list`)")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model by name, e.g. `create_model("tiny_moat_0", num_classes=10)`."""
+    checkpoint = kwargs.pop("checkpoint", None)
+    model = get_entry(name).factory(**kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model

@@ -1,0 +1,182 @@
+"""Recipes: a task + model + data + schedule, as dataclasses loaded from YAML with every field defaulted."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import RecipeError
+
+RECIPE_DIR = Path(__file__).parent
+
+
+@dataclass
+class ModelCfg:
+    """Which model to build and with which constructor overrides."""
+
+    name: str = "tiny_moat_0"
+    args: dict = field(default_factory=dict)
+    checkpoint: str | None = None  # weights to start from (safetensors or weights-only .pt)
+
+
+@dataclass
+class DataCfg:
+    """Where the data is and how it is loaded; `name` is an embedded dataset or a folder."""
+
+    name: str = "digits"
+    img_size: int = 224
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    workers: int = 0
+    skip_bad_samples: bool = False
+    limit_train: int | None = None  # use only the first N training samples (debugging, tests)
+    limit_val: int | None = None
+    augment: dict = field(default_factory=dict)  # task-specific augmentation options
+    class_names: list | None = None  # filled in from the data at training time
+
+
+@dataclass
+class OptimCfg:
+    """AdamW with linear warm-up and cosine decay, per step."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainCfg:
+    """The loop: length, precision, device, seed, EMA, BN recalibration, evaluation cadence."""
+
+    epochs: int = 10
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    ema_decay: float = 0.0  # 0 disables the exponential moving average of weights
+    bn_recalibrate: int = 0  # recompute BN statistics on this many train batches before eval
+    eval_every: int = 1
+    threads: int | None = None
+
+
+@dataclass
+class Recipe:
+    """A full training setup; `out` is the run directory."""
+
+    task: str = "classify"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    out: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML-ready)."""
+        d = asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write the fully resolved recipe as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(unknown)}; "
+                          f"expected some of {', '.join(known)}")
+    kwargs = {}
+    for k, v in values.items():
+        default = getattr(cls(), k) if k in known else None
+        kwargs[k] = _build(type(default), v, f"{where}.{k}") if is_dataclass(default) else v
+    return cls(**kwargs)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A packaged recipe by name (`classify_digits`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"{p}: recipe file not found")
+        return p
+    packaged = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = ", ".join(list_recipes())
+        raise RecipeError(f"unknown recipe {name_or_path!r}; packaged recipes: {names}")
+    return packaged
+
+
+def list_recipes() -> list[str]:
+    """Names of the packaged recipes."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | dict | None = None) -> Recipe:
+    """Load a recipe (defaults if None) and apply `key.sub=value` overrides (values parsed as YAML)."""
+    values: dict = {}
+    where = "recipe"
+    if name_or_path:
+        path = recipe_path(name_or_path)
+        where = str(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for key, value in _pairs(overrides):
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {part} is not a section")
+        node[leaf] = value
+    recipe = _build(Recipe, values, where)
+    _validate(recipe)
+    return recipe
+
+
+def _pairs(overrides) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+        key, raw = item.split("=", 1)
+        try:
+            pairs.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError:
+            raise RecipeError(f"override {item!r}: value is not valid YAML") from None
+    return pairs
+
+
+def _validate(r: Recipe) -> None:
+    checks = [
+        (r.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {r.train.precision!r}"),
+        (r.train.device in ("auto", "cpu", "cuda") or r.train.device.startswith("cuda:"),
+         f"train.device must be auto, cpu or cuda, got {r.train.device!r}"),
+        (isinstance(r.train.epochs, int) and r.train.epochs >= 1, f"train.epochs must be a positive integer, got {r.train.epochs!r}"),
+        (isinstance(r.data.batch_size, int) and r.data.batch_size >= 1, f"data.batch_size must be a positive integer, got {r.data.batch_size!r}"),
+        (isinstance(r.data.img_size, int) and r.data.img_size >= 8, f"data.img_size must be an integer >= 8, got {r.data.img_size!r}"),
+        (isinstance(r.optim.lr, (int, float)) and r.optim.lr > 0, f"optim.lr must be a positive number, got {r.optim.lr!r}"),
+        (0.0 <= r.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {r.train.ema_decay!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise RecipeError(msg)
+    r.optim.betas = tuple(r.optim.betas)
+
+
+__all__ = ["Recipe", "ModelCfg", "DataCfg", "OptimCfg", "TrainCfg", "load_recipe", "list_recipes",
+           "recipe_path", "dataclasses"]

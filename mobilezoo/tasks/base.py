@@ -1,0 +1,70 @@
+"""What a task gives the engine: datasets, a model, a loss, a metric, and its own report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from ..engine.metrics import SumMetric
+from ..recipes import Recipe
+
+
+def collate_skipping(samples: list) -> dict:
+    """default_collate over the samples that loaded; `None` marks a skipped one and is counted."""
+    good = [s for s in samples if s is not None]
+    batch = default_collate(good) if good else {}
+    batch["skipped"] = len(samples) - len(good)
+    return batch
+
+
+class Task:
+    """Base class; one subclass per task, registered in `tasks.TASKS` under `name`."""
+
+    name = "base"
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, val) datasets; also fills `recipe.data.class_names`."""
+        raise NotImplementedError
+
+    def calibration_dataset(self) -> Dataset:
+        """Training samples with evaluation transforms (BN recalibration, INT8 calibration)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The model the recipe names, sized for this task's data."""
+        raise NotImplementedError
+
+    collate = staticmethod(collate_skipping)
+
+    def batch_size(self, batch: dict) -> int:
+        """How many samples a batch holds (for throughput)."""
+        return len(batch["label"])
+
+    def forward(self, model: nn.Module, batch: dict):
+        """The model's raw output on a batch (used for BN recalibration and export checks)."""
+        return model(batch["image"])
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Training loss of one batch (model in train mode)."""
+        raise NotImplementedError
+
+    def metric(self) -> SumMetric:
+        """A fresh metric accumulator for one evaluation."""
+        raise NotImplementedError
+
+    def eval_step(self, model: nn.Module, batch: dict, metric: SumMetric) -> None:
+        """Run the model on a batch (eval mode, no grad) and add to the metric."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> str:
+        """A short human line for the headline metric."""
+        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+    def report(self, run_dir: Path, metrics: dict, history: list[dict]) -> list[str]:
+        """Write task-specific figures; return markdown lines for report.md."""
+        return []

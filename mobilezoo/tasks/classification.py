@@ -1,0 +1,223 @@
+"""Image classification on class-per-folder images (the ImageNet / ImageFolder layout)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from .. import data as embedded
+from ..engine.metrics import SumMetric
+from ..errors import BadSampleError, DataError
+from ..models import create_model
+from .base import Task
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # MOAT input normalisation option 1
+DEFAULT_AUGMENT = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": True,
+                   "affine_degrees": 0.0, "affine_translate": 0.0, "crop_pct": 0.875}
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """uint8 RGB tensor (3, H, W) of an image file; a clear error naming the file if unreadable."""
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise BadSampleError(f"{path}: cannot read image ({str(e).splitlines()[0]})") from None
+
+
+def train_transform(size: int, aug: dict) -> v2.Compose:
+    """Random resized crop, optional flip and affine jitter, then float + normalise."""
+    ops = [v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
+                                antialias=True)]
+    if aug["hflip"]:
+        ops.append(v2.RandomHorizontalFlip())
+    if aug["affine_degrees"] or aug["affine_translate"]:
+        t = aug["affine_translate"]
+        ops.append(v2.RandomAffine(aug["affine_degrees"], translate=(t, t) if t else None))
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def eval_transform(size: int, crop_pct: float) -> v2.Compose:
+    """Resize the short side to size / crop_pct, center-crop, float + normalise."""
+    return v2.Compose([v2.Resize(round(size / crop_pct), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class ImageFolder(Dataset):
+    """Class-per-folder images read with torchvision.io; bad files raise or, if skipping, give None."""
+
+    def __init__(self, root: str | Path, transform, skip_bad: bool = False):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such folder (expected class-per-folder images)")
+        try:
+            self.classes, self.class_to_idx = find_classes(str(root))
+            self.samples = make_dataset(str(root), self.class_to_idx, IMG_EXTENSIONS)
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {e}") from None
+        self.root, self.transform, self.skip_bad = root, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            image = read_image(path)
+        except BadSampleError:
+            if self.skip_bad:
+                return None
+            raise
+        return {"image": self.transform(image), "label": label}
+
+
+class ClassificationMetric(SumMetric):
+    """Confusion matrix, top-5 hits and loss sum; computes top-1/top-5 and per-class accuracy."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.state = {"confusion": torch.zeros(num_classes, num_classes, dtype=torch.float64),
+                      "top5": torch.zeros((), dtype=torch.float64),
+                      "loss": torch.zeros((), dtype=torch.float64)}
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch of logits and integer labels."""
+        logits, labels = logits.float().cpu(), labels.cpu()
+        k = self.num_classes
+        self.add("confusion", torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k))
+        top = logits.topk(min(5, k), dim=1).indices
+        self.add("top5", (top == labels[:, None]).any(1).sum())
+        self.add("loss", F.cross_entropy(logits, labels, reduction="sum"))
+
+    def compute(self) -> dict:
+        cm = self.state["confusion"]
+        n = cm.sum().clamp_min(1)
+        per_class = (cm.diag() / cm.sum(1).clamp_min(1)).tolist()
+        return {"top1": (cm.diag().sum() / n).item(), "top5": (self.state["top5"] / n).item(),
+                "loss": (self.state["loss"] / n).item(), "count": int(cm.sum().item()),
+                "per_class_acc": per_class, "confusion": cm.long().tolist()}
+
+
+class ClassificationTask(Task):
+    """Train/eval/predict an image classifier on a folder with train/ and val/ class folders."""
+
+    name = "classify"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.aug = {**DEFAULT_AUGMENT, **recipe.data.augment}
+        unknown = set(recipe.data.augment) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
+                            f"expected some of {', '.join(DEFAULT_AUGMENT)}")
+
+    @property
+    def root(self) -> Path:
+        """Dataset root holding train/ and val/."""
+        return embedded.resolve(self.recipe.data.name)
+
+    def _split(self, split: str, transform, limit: int | None) -> Dataset:
+        ds = ImageFolder(self.root / split, transform, self.recipe.data.skip_bad_samples)
+        names = self.recipe.data.class_names
+        if names is not None and ds.classes != list(names):
+            raise DataError(f"{self.root / split}: classes {ds.classes} differ from the run's "
+                            f"{list(names)}")
+        self.recipe.data.class_names = ds.classes
+        if limit and limit < len(ds):  # a fixed random subset, so every class is represented
+            g = torch.Generator().manual_seed(0)
+            ds = Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:limit].tolist()))
+        return ds
+
+    def eval_transform(self):
+        """The deterministic transform used for val, calibration and predict."""
+        return eval_transform(self.recipe.data.img_size, self.aug["crop_pct"])
+
+    def datasets(self):
+        d = self.recipe.data
+        train = self._split("train", train_transform(d.img_size, self.aug), d.limit_train)
+        val = self._split("val", self.eval_transform(), d.limit_val)
+        return train, val
+
+    def val_dataset(self) -> Dataset:
+        """The val split with eval transforms."""
+        return self._split("val", self.eval_transform(), self.recipe.data.limit_val)
+
+    def calibration_dataset(self):
+        return self._split("train", self.eval_transform(), self.recipe.data.limit_train)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the data if not yet known)."""
+        if self.recipe.data.class_names is None:
+            self._split("val", self.eval_transform(), None)
+        return len(self.recipe.data.class_names)
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.recipe.model.name, num_classes=self.num_classes,
+                            **self.recipe.model.args)
+
+    def loss(self, model, batch):
+        return F.cross_entropy(model(batch["image"]), batch["label"],
+                               label_smoothing=self.recipe.optim.label_smoothing)
+
+    def metric(self):
+        return ClassificationMetric(self.num_classes)
+
+    def eval_step(self, model, batch, metric):
+        metric.update(model(batch["image"]), batch["label"])
+
+    def summary(self, m: dict) -> str:
+        return f"top-1 {100 * m['top1']:.2f}%, top-5 {100 * m['top5']:.2f}% on {m['count']} images"
+
+    def report(self, run_dir: Path, metrics: dict, history: list[dict]) -> list[str]:
+        from ..engine.report import confusion_png
+        names = self.recipe.data.class_names
+        confusion_png(metrics["confusion"], names, run_dir / "confusion.png")
+        rows = "\n".join(f"| {n} | {100 * a:.1f}% |" for n, a in zip(names, metrics["per_class_acc"]))
+        return [f"**val top-1 {100 * metrics['top1']:.2f}%**, top-5 {100 * metrics['top5']:.2f}% "
+                f"on {metrics['count']} images", "", "![confusion matrix](confusion.png)", "",
+                "| class | accuracy |", "|---|---|", rows]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu") -> list[dict]:
+        """Top-k labels with probabilities for each image file (folders are expanded)."""
+        files = expand_images(paths)
+        tf, names = self.eval_transform(), self.recipe.data.class_names
+        out = []
+        for f in files:
+            x = tf(read_image(f))[None].to(device)
+            p = model(x).float().softmax(1)[0]
+            val, idx = p.topk(min(topk, len(names)))
+            out.append({"file": str(f), "topk": [{"label": names[i], "prob": round(v, 6)}
+                                                  for v, i in zip(val.tolist(), idx.tolist())]})
+        return out
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under named folders."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not files:
+        raise DataError(f"no image files in {', '.join(paths)}")
+    return files
+
+
+def write_predictions(preds: list[dict], out: Path | None) -> str:
+    """JSON text of predictions, also written to `out` when given."""
+    text = json.dumps(preds, indent=2)
+    if out is not None:
+        Path(out).write_text(text + "\n")
+    return text
