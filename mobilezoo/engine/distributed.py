@@ -86,19 +86,21 @@ class DistBatchNorm(nn.BatchNorm2d):
         c = x.shape[1]
         dims = [0] + list(range(2, x.ndim))
         xf = x.float()
+        # Two passes (mean, then squared deviations) keep the variance as exact as BatchNorm's.
         count = torch.full((1,), x.numel() // c, dtype=torch.float32, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        stats = all_reduce(torch.cat([xf.sum(dims), count]))
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean, m)
                 self.running_var.lerp_(var * n / (n - 1).clamp_min(1), m)
-        shape = (1, c) + (1,) * (x.ndim - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

@@ -186,7 +186,8 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         raise UserError(f"{len(train_set)} training samples cannot fill one batch of "
                         f"{recipe.data.batch_size}; lower data.batch_size")
     total = steps_per_epoch * recipe.train.epochs
-    optimizer = build_optimizer(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.betas)
+    optimizer = build_optimizer(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.betas,
+                                recipe.optim.name)
     scheduler = build_scheduler(optimizer, total, round(recipe.optim.warmup_epochs * steps_per_epoch),
                                 recipe.optim.min_lr_ratio)
 

@@ -7,15 +7,19 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    """AdamW; 1-D parameters (norms, biases) and relative-position tables get no weight decay."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas,
+                    name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or SGD with Nesterov momentum betas[0]); 1-D parameters (norms, biases) and
+    relative-position tables get no weight decay."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or "rel_table" in name else decay).append(p)
+        (no_decay if p.ndim <= 1 or "rel_table" in pname else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=betas[0], nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 

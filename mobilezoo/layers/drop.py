@@ -12,7 +12,7 @@ def survival_schedule(drop_rate: float, num_blocks: int) -> list[float]:
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Zero whole samples of a residual branch with probability `drop_prob`, rescale the rest."""
-    if not training or drop_prob <= 0.0:
+    if not training or not 0.0 < drop_prob < 1.0:  # as the official code: a no-op outside (0, 1)
         return x
     keep = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)

@@ -65,6 +65,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's state dict as safetensors, atomically (temp file + rename)."""
     from safetensors.torch import save_file
     path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: weights are written as .safetensors files")
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp))

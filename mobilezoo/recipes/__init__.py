@@ -39,8 +39,9 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
-    """AdamW with linear warm-up and cosine decay, per step."""
+    """AdamW (or SGD) with linear warm-up and cosine decay, per step."""
 
+    name: str = "adamw"  # adamw | sgd (Nesterov, momentum = betas[0])
     lr: float = 1e-3
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
@@ -163,6 +164,7 @@ def _pairs(overrides) -> list[tuple[str, Any]]:
 
 def _validate(r: Recipe) -> None:
     checks = [
+        (r.optim.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd, got {r.optim.name!r}"),
         (r.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {r.train.precision!r}"),
         (r.train.device in ("auto", "cpu", "cuda") or r.train.device.startswith("cuda:"),
          f"train.device must be auto, cpu or cuda, got {r.train.device!r}"),

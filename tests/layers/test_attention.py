@@ -1,13 +1,13 @@
-"""Relative-position attention, its bias table resize and window partitioning (spec §1.3, §1.4, §5)."""
+"""Rel-pos attention, bias-table resize, window partitioning (spec §1.3, §1.4, §5)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mobilezoo.layers import (RelPosAttention2d, relative_position_index, window_merge,
-                              window_partition)
+from mobilezoo.layers import RelPosAttention2d, relative_position_index, window_merge, window_partition
 
 
 def bias_by_formula(table, h, w):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mobilezoo.layers import AvgPool2dSame, Conv2dSame, tf_same_pad
 

@@ -7,10 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import mobilezoo
+import mobilezoo  # noqa: F401  (registers the models in timm)
 from mobilezoo.layers import DropPath
-from mobilezoo.models import (CheckpointError, UnknownModelError, create_model, list_models,
-                              load_weights, save_weights)
+from mobilezoo.models import (
+    CheckpointError,
+    UnknownModelError,
+    create_model,
+    list_models,
+    load_weights,
+    save_weights,
+)
 
 NAMES = ["moat_0", "moat_1", "moat_2", "moat_3", "moat_4",
          "tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3"]
@@ -109,7 +115,7 @@ def test_features_only_are_gelu_of_stage_outputs():
         cls(x)
         maps = feat(x)
     assert len(maps) == 4 and len(stage_out) == 4
-    for f, s, stride, width in zip(maps, stage_out, (4, 8, 16, 32), WIDTHS["tiny_moat_0"]):
+    for f, s, stride, width in zip(maps, stage_out, (4, 8, 16, 32), WIDTHS["tiny_moat_0"], strict=True):
         assert f.shape == (2, width, 64 // stride, 96 // stride)
         torch.testing.assert_close(f, F.gelu(s), rtol=1e-5, atol=1e-6)
     sel = create_model("tiny_moat_0", features_only=True, out_indices=(1, 3)).eval()
@@ -121,10 +127,22 @@ def test_features_only_are_gelu_of_stage_outputs():
     torch.testing.assert_close(picked[1], maps[3])
 
 
+def test_head_pools_then_layer_norm():
+    m = seeded("tiny_moat_0", num_classes=5)
+    with torch.no_grad():
+        m.norm.weight.normal_(1, 0.5)
+        m.norm.bias.normal_(0, 0.5)
+        feats = torch.randn(2, 256, 3, 4)  # stage-4 map
+        pooled = F.layer_norm(feats.mean((2, 3)), (256,), m.norm.weight, m.norm.bias, 1e-5)
+        torch.testing.assert_close(m.forward_head(feats),
+                                   F.linear(pooled, m.head.weight, m.head.bias))
+        assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
 def test_features_only_meta_widths():
     maps = meta_model("moat_0", features_only=True)(torch.empty(1, 3, 224, 224, device="meta"))
     assert [tuple(f.shape) for f in maps] == [(1, c, 224 // s, 224 // s)
-                                             for c, s in zip(WIDTHS["moat_0"], (4, 8, 16, 32))]
+                                             for c, s in zip(WIDTHS["moat_0"], (4, 8, 16, 32), strict=True)]
 
 
 # ---------------------------------------------------------------- structure and init
@@ -142,10 +160,11 @@ def test_drop_path_schedule(name, override):
     rate = DROP[name] if override is None else override
     per_block = block_drop_rates(m)
     n = sum(DEPTHS[name])
+    stage_of = [s for s, d in enumerate(DEPTHS[name]) for _ in range(d)]
     assert len(per_block) == n
-    for i, (rates, stage) in enumerate(zip(per_block, sum(([s] * d for s, d in
-                                                           enumerate(DEPTHS[name])), []))):
-        assert len(rates) == (1 if stage < 2 else 2)  # MOAT blocks: MBConv and attention residuals
+    for i, rates in enumerate(per_block):
+        # MBConv blocks have one residual, MOAT blocks two (MBConv and attention), same rate
+        assert len(rates) == (1 if stage_of[i] < 2 else 2)
         assert rates == pytest.approx([rate * i / n] * len(rates), abs=1e-9)
 
 
@@ -183,8 +202,8 @@ def test_init_normal_002_and_zero_bias():
 # ---------------------------------------------------------------- registry and timm
 
 def test_timm_create_model():
-    import timm
-    assert mobilezoo.__name__ == "mobilezoo"  # importing registers the models in timm
+    import timm  # `import mobilezoo` (top of this file) registered the models in timm
+
     with torch.device("meta"):
         m = timm.create_model("moat_0")
     assert sum(p.numel() for p in m.parameters()) == PARAMS["moat_0"][0]
