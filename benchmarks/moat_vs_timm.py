@@ -67,6 +67,10 @@ def check_goals(rows: list[dict]) -> dict:
             "all_met": all(g["met"] for g in gmacs + bf16)}
 
 
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _ratio_table(rows: list[dict], peers: list[str]) -> str:
     head = "| Model | Prec | " + " | ".join(f"GMAC/s vs {p} | latency vs {p}" for p in peers) + " |"
     lines = [head, "|:---|---:|" + "---:|" * (2 * len(peers))]
@@ -76,7 +80,7 @@ def _ratio_table(rows: list[dict], peers: list[str]) -> str:
         cells = []
         for p in peers:
             v = r.get(f"vs_{p}")
-            cells += [f"{v['gmacs_per_s']:.2f}x", f"{v['latency']:.2f}x"] if v else ["-", "-"]
+            cells += [_x(v and v["gmacs_per_s"]), _x(v and v["latency"])]
         lines.append(f"| {r['name']} | {r['precision']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +119,7 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         "",
         "| Model | Prec | GMAC/s | vs " + GMACS_REF + " | |",
         "|:---|---:|---:|---:|:---|",
-        *[f"| {g['model']} | {g['precision']} | {g['gmacs_per_s']:.1f} | "
-          f"{'-' if g['ratio'] is None else f'{g[chr(114) + chr(97) + chr(116) + chr(105) + chr(111)]:.2f}x'} | "
+        *[f"| {g['model']} | {g['precision']} | {g['gmacs_per_s']:.1f} | {_x(g['ratio'])} | "
           f"{'met' if g['met'] else 'NOT met'} |" for g in g1],
         "",
         f"2. bf16 at least {BF16_GOAL}x faster than fp32 at batch {meta['batch']}: "
@@ -124,7 +127,7 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         "",
         "| Model | bf16 / fp32 throughput | |",
         "|:---|---:|:---|",
-        *[f"| {g['model']} | {'-' if g['speedup'] is None else format(g['speedup'], '.2f') + 'x'} | "
+        *[f"| {g['model']} | {_x(g['speedup'])} | "
           f"{'met' if g['met'] else 'NOT met'} |" for g in g2],
         "",
     ]

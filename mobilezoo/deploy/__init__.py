@@ -1,4 +1,4 @@
-"""Deployment tools: CPU inference benchmarking against timm peers."""
-from .bench import ModelSpec, benchmark, count_macs, format_markdown, measure, parse_spec
+"""Deployment tools: CPU inference benchmarking against timm peers, model profiles."""
+from .bench import ModelSpec, benchmark, format_markdown, measure, parse_spec
 
-__all__ = ["ModelSpec", "benchmark", "count_macs", "format_markdown", "measure", "parse_spec"]
+__all__ = ["ModelSpec", "benchmark", "format_markdown", "measure", "parse_spec"]

@@ -24,6 +24,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -203,7 +204,7 @@ def _run(specs: list[ModelSpec], img_size, threads: int, precisions: Sequence[st
             log(f"round {i + 1}/{rounds} done")
         for r in runners:
             for p in precisions:
-                r.mem[p] = _peak_rss_delta_mb(lambda: r.forward(r.xb, p))
+                r.mem[p] = _peak_rss_delta_mb(partial(r.forward, r.xb, p))
         return runners
     finally:
         torch.set_num_threads(old_threads)
@@ -253,7 +254,8 @@ def _add_ratios(rows: list[dict], peers: list[str]) -> None:
 _COLUMNS = (
     ("Model", lambda r: f"{r['name']}" + (" (timm)" if r["source"] == "timm" else "")),
     ("Prec", lambda r: r["precision"]),
-    ("Size", lambda r: str(r["img_size"]) if isinstance(r["img_size"], int) else "x".join(map(str, r["img_size"]))),
+    ("Size", lambda r: "x".join(map(str, r["img_size"])) if isinstance(r["img_size"], list)
+     else str(r["img_size"])),
     ("Params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
     ("GMACs", lambda r: f"{r['macs'] / 1e9:.3f}"),
     ("Lat. p50 (ms)", lambda r: f"{r['latency_ms']:.2f}"),

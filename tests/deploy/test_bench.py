@@ -35,7 +35,7 @@ def test_measure_restores_threads_and_bf16_runs():
 
 
 def test_macs_match_a_hand_count_of_a_conv():
-    from mobilezoo.deploy import count_macs
+    from mobilezoo.deploy.bench import count_macs
     conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert count_macs(conv, torch.randn(1, 3, 16, 16)) == 8 * 3 * 9 * 16 * 16
 

@@ -34,7 +34,7 @@ def test_two_processes_match_one(shapes_folder, tmp_path, tiny_overrides):
     assert a.keys() == b.keys()
     for k in a:
         if a[k].is_floating_point():  # BN running statistics are recalibrated after the last step
-            tol = dict(rtol=1e-3, atol=1e-4) if "running" in k else dict(rtol=1e-4, atol=1e-5)
+            tol = dict(rtol=1e-2, atol=1e-4) if "running" in k else dict(rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(b[k], a[k], **tol, msg=f"{k} differs")
     # the weights really moved: compare against a freshly initialised model
     from mobilezoo import create_model

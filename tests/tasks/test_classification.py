@@ -157,13 +157,20 @@ def test_eval_transform_shape_and_normalisation():
 
 
 def test_eval_transform_center_crops():
-    """crop_pct 0.5: resize the short side to 2x the size, keep the centre half."""
+    """crop_pct 0.5: resize the short side to 2x the size and keep the centre half (all white here);
+    crop_pct 1.0 keeps the whole image, black border included."""
     img = torch.zeros(3, 64, 64, dtype=torch.uint8)
     img[:, 16:48, 16:48] = 255
-    out = eval_transform(16, 0.5)(img)
     white = torch.tensor([(1 - MEAN[c]) / STD[c] for c in range(3)])[:, None, None]
+    black = torch.tensor([(0 - MEAN[c]) / STD[c] for c in range(3)])
+    out = eval_transform(16, 0.5)(img)
     assert out.shape == (3, 16, 16)
-    assert torch.allclose(out, white.expand(3, 16, 16), atol=0.05)
+    # the outermost ring is blurred by the antialiased resize; the inside is pure white
+    assert torch.allclose(out[:, 1:-1, 1:-1], white.expand(3, 14, 14), atol=1e-3)
+    assert (out > black[:, None, None] + 1).all()
+    whole = eval_transform(16, 1.0)(img)
+    assert torch.allclose(whole[:, 0, 0], black, atol=1e-3)
+    assert torch.allclose(whole[:, 8, 8], white[:, 0, 0], atol=1e-3)
 
 
 def _half_black_half_white(s=16):
