@@ -97,8 +97,9 @@ def cmd_eval(args) -> int:
     from .engine import Context, evaluate, load_run, resolve_device
     from .engine.loop import eval_loader
     recipe, task, model = load_run(args.run, _overrides(args))
-    ctx = Context(resolve_device(recipe.train.device), recipe.train.precision)
-    metrics = evaluate(model.to(ctx.device), eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
+    ctx = Context(resolve_device(recipe.train.device), recipe.train.precision,
+                  channels_last=recipe.train.channels_last)
+    metrics = evaluate(ctx.prepare(model), eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
     out = Path(args.out or args.run)
     out.mkdir(parents=True, exist_ok=True)
     task.report(out, metrics, [])

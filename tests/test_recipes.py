@@ -6,8 +6,7 @@ import pytest
 import yaml
 
 from mobilezoo.errors import RecipeError
-from mobilezoo.recipes import (DataCfg, ModelCfg, OptimCfg, Recipe, TrainCfg, list_recipes,
-                               load_recipe)
+from mobilezoo.recipes import DataCfg, ModelCfg, OptimCfg, Recipe, TrainCfg, list_recipes, load_recipe
 
 PACKAGED = Path(__file__).resolve().parents[1] / "mobilezoo" / "recipes"
 

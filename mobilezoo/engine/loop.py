@@ -19,8 +19,14 @@ from ..errors import TrainingDiverged, UserError
 from ..models.weights import load_weights
 from ..recipes import Recipe, load_recipe
 from .checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpoint, save_checkpoint
-from .distributed import (DistInfo, ShardSampler, all_reduce_sum, convert_sync_batchnorm,
-                          init_distributed, is_distributed)
+from .distributed import (
+    DistInfo,
+    ShardSampler,
+    all_reduce_sum,
+    convert_sync_batchnorm,
+    init_distributed,
+    is_distributed,
+)
 from .optim import build_optimizer, build_scheduler
 
 
@@ -40,6 +46,21 @@ class Context:
     device: torch.device
     precision: str = "fp32"
     dist: DistInfo = DistInfo()
+    channels_last: bool = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device (and to channels-last memory when enabled)."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def batch(self, batch):
+        """Move a batch to the device; 4-D float tensors become channels-last when enabled."""
+        batch = to_device(batch, self.device)
+        if self.channels_last and isinstance(batch, dict):
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.ndim == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
 
     def autocast(self):
         """bf16 autocast on CPU or CUDA when precision is bf16, else nothing."""
@@ -97,7 +118,7 @@ def evaluate(model: nn.Module, loader: DataLoader, task, ctx: Context) -> dict:
         skipped += batch.pop("skipped", 0)
         if batch:
             with ctx.autocast():
-                task.eval_step(model, to_device(batch, ctx.device), metric)
+                task.eval_step(model, ctx.batch(batch), metric)
     metric.reduce()
     out = metric.compute()
     out["skipped"] = int(all_reduce_sum(torch.tensor(float(skipped))).item())
@@ -127,7 +148,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task,
             batch.pop("skipped", 0)
             if batch:
                 with ctx.autocast():
-                    task.forward(model, to_device(batch, ctx.device))
+                    task.forward(model, ctx.batch(batch))
     for bn, m in zip(bns, momenta):
         bn.momentum = m
     model.train(was_training)
@@ -154,7 +175,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     device = resolve_device(recipe.train.device)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    ctx = Context(device, recipe.train.precision, init_distributed(device))
+    ctx = Context(device, recipe.train.precision, init_distributed(device), recipe.train.channels_last)
     world = ctx.dist.world_size
     if recipe.data.batch_size % world:
         raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by the "
@@ -166,15 +187,16 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     random.seed(recipe.train.seed)
 
     train_set, val_set = task.datasets()
-    model = task.build_model().to(device)
+    model = task.build_model()
     if recipe.model.checkpoint and not resume:
         load_weights(model, recipe.model.checkpoint)
+    model = ctx.prepare(model)
     if world > 1:
         model = convert_sync_batchnorm(model, device)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.train.ema_decay),
                          use_buffers=True) if recipe.train.ema_decay > 0 else None)
-    train_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                   if world > 1 else model)
+    ids = [device.index] if device.type == "cuda" else None
+    train_model = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
 
     seeded = SeededDataset(train_set, recipe.train.seed)
     sampler = DistributedSampler(seeded, world, ctx.dist.rank, shuffle=True,
@@ -219,7 +241,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
                    disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
         for batch in bar:
             skipped += batch.pop("skipped", 0)
-            batch = to_device(batch, device)
+            batch = ctx.batch(batch)
             with ctx.autocast():
                 loss = task.loss(train_model, batch)
             finite = torch.isfinite(loss.detach()).float()
@@ -256,7 +278,8 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
             save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            skipped_note = f", skipped {record['train_skipped']} bad samples" if record["train_skipped"] else ""
+            n_bad = record["train_skipped"]
+            skipped_note = f", skipped {n_bad} bad samples" if n_bad else ""
             _log(ctx, f"epoch {epoch + 1}/{recipe.train.epochs}: loss {record['train_loss']:.4f}, "
                       f"{record['samples_per_s']:.1f} samples/s{skipped_note}"
                       + (f", val {task.summary(metrics)}" if "val_skipped" in record else ""))

@@ -1,8 +1,8 @@
 """Building blocks shared by every family; nothing here knows about tasks or models."""
+from .attention import RelPosAttention2d, relative_position_index, window_merge, window_partition
 from .conv import AvgPool2dSame, Conv2dSame, ConvNormAct, make_conv, tf_same_pad
 from .drop import DropPath, drop_path, survival_schedule
 from .mbconv import MBConv, SqueezeExcite
-from .attention import RelPosAttention2d, relative_position_index, window_partition, window_merge
 
 __all__ = [
     "ConvNormAct", "Conv2dSame", "AvgPool2dSame", "make_conv", "tf_same_pad",

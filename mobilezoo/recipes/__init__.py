@@ -63,6 +63,7 @@ class TrainCfg:
     bn_recalibrate: int = 0  # recompute BN statistics on this many train batches before eval
     eval_every: int = 1
     threads: int | None = None
+    channels_last: bool = True  # NHWC memory: ~1.5x faster convolutions on CPU
 
 
 @dataclass
@@ -163,20 +164,27 @@ def _pairs(overrides) -> list[tuple[str, Any]]:
 
 
 def _validate(r: Recipe) -> None:
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
     checks = [
-        (r.optim.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd, got {r.optim.name!r}"),
-        (r.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {r.train.precision!r}"),
-        (r.train.device in ("auto", "cpu", "cuda") or r.train.device.startswith("cuda:"),
-         f"train.device must be auto, cpu or cuda, got {r.train.device!r}"),
-        (isinstance(r.train.epochs, int) and r.train.epochs >= 1, f"train.epochs must be a positive integer, got {r.train.epochs!r}"),
-        (isinstance(r.data.batch_size, int) and r.data.batch_size >= 1, f"data.batch_size must be a positive integer, got {r.data.batch_size!r}"),
-        (isinstance(r.data.img_size, int) and r.data.img_size >= 8, f"data.img_size must be an integer >= 8, got {r.data.img_size!r}"),
-        (isinstance(r.optim.lr, (int, float)) and r.optim.lr > 0, f"optim.lr must be a positive number, got {r.optim.lr!r}"),
-        (0.0 <= r.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {r.train.ema_decay!r}"),
+        ("optim.name", r.optim.name, r.optim.name in ("adamw", "sgd"), "adamw or sgd"),
+        ("train.precision", r.train.precision, r.train.precision in ("fp32", "bf16"), "fp32 or bf16"),
+        ("train.device", r.train.device,
+         r.train.device in ("auto", "cpu", "cuda") or str(r.train.device).startswith("cuda:"),
+         "auto, cpu or cuda"),
+        ("train.epochs", r.train.epochs, positive_int(r.train.epochs), "a positive integer"),
+        ("data.batch_size", r.data.batch_size, positive_int(r.data.batch_size), "a positive integer"),
+        ("data.img_size", r.data.img_size, positive_int(r.data.img_size) and r.data.img_size >= 8,
+         "an integer >= 8"),
+        ("optim.lr", r.optim.lr, isinstance(r.optim.lr, (int, float)) and r.optim.lr > 0,
+         "a positive number"),
+        ("train.ema_decay", r.train.ema_decay,
+         isinstance(r.train.ema_decay, (int, float)) and 0.0 <= r.train.ema_decay < 1.0, "in [0, 1)"),
     ]
-    for ok, msg in checks:
+    for name, value, ok, expected in checks:
         if not ok:
-            raise RecipeError(msg)
+            raise RecipeError(f"{name} must be {expected}, got {value!r}")
     r.optim.betas = tuple(r.optim.betas)
 
 

@@ -11,8 +11,14 @@ from mobilezoo.errors import BadSampleError, DataError
 from mobilezoo.recipes import load_recipe
 from mobilezoo.tasks import build_task
 from mobilezoo.tasks.base import collate_skipping
-from mobilezoo.tasks.classification import (DEFAULT_AUGMENT, ClassificationMetric, ImageFolder,
-                                            eval_transform, expand_images, train_transform)
+from mobilezoo.tasks.classification import (
+    DEFAULT_AUGMENT,
+    ClassificationMetric,
+    ImageFolder,
+    eval_transform,
+    expand_images,
+    train_transform,
+)
 
 # ImageNet statistics (MOAT input normalisation option 1, spec §3.2)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
