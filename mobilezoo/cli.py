@@ -110,13 +110,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
-
     from .engine import load_run, resolve_device
     from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
     device = resolve_device(recipe.train.device)
-    torch.set_grad_enabled(False)
     preds = task.predict(model.to(device), args.inputs, topk=args.topk, device=device)
     text = write_predictions(preds, Path(args.out) if args.out else None)
     if not args.out:

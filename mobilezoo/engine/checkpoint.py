@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.weights import CheckpointError, load_weights, save_weights
+from ..models.weights import CheckpointError, load_weights, safe_torch_load, save_weights
 
 WEIGHTS, EMA_WEIGHTS, STATE = "model.safetensors", "model_ema.safetensors", "trainer_state.pt"
 
@@ -36,11 +36,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, ema=None) -> dic
     path = run_dir / STATE
     if not path.is_file():
         raise CheckpointError(f"{path}: no trainer state to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - refuse pickles carrying code, whatever torch raises
-        raise CheckpointError(f"{path}: refused: not a weights-only trainer state "
-                              f"({str(e).splitlines()[0]})") from None
+    state = safe_torch_load(path, "trainer state")
     load_weights(model, run_dir / WEIGHTS)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

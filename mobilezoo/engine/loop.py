@@ -133,7 +133,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task,
     the data; this restores them (see DESIGN.md, 'Facts measured'). Under DDP the synced
     BatchNorm already averages over ranks, so every rank must see the same number of batches."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or num_batches <= 0:
+    if not bns or num_batches <= 0 or len(loader) == 0:
         return
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -159,8 +159,9 @@ def calibration_loader(task, recipe: Recipe, ctx: Context) -> DataLoader:
     dataset = task.calibration_dataset()
     sampler = DistributedSampler(dataset, ctx.dist.world_size, ctx.dist.rank, shuffle=True,
                                  seed=12345, drop_last=True)
-    bs = recipe.data.eval_batch_size or recipe.data.batch_size
-    return _loader(task, dataset, max(1, bs // ctx.dist.world_size), recipe.data.workers, sampler)
+    world = ctx.dist.world_size
+    bs = min(recipe.data.eval_batch_size or recipe.data.batch_size, len(dataset)) // world
+    return _loader(task, dataset, max(1, bs), recipe.data.workers, sampler)
 
 
 def _log(ctx: Context, msg: str) -> None:

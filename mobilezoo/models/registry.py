@@ -60,7 +60,8 @@ def list_models(task: str | None = None) -> list[str]:
 def get_entry(name: str) -> ModelEntry:
     """The registry entry for `name`, or an error that lists the closest names."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        score = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in _REGISTRY}
+        close = sorted((n for n in score if score[n] >= 0.4), key=lambda n: (-score[n], n))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(f"unknown model {name!r}{hint} (see `mobilezoo list`)")
     return _REGISTRY[name]

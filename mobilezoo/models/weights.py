@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,16 +29,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for unsafe or corrupt pickles
-        raise CheckpointError(f"{path}: refused: not a weights-only checkpoint "
-                              f"(pickles carrying code are never loaded): {str(e).splitlines()[0]}") from None
+    obj = safe_torch_load(path, "checkpoint")
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     return obj
+
+
+def safe_torch_load(path: Path, what: str):
+    """torch.load with weights_only=True; anything else (a pickle carrying code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for unsafe or corrupt pickles
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])  # torch bolds with ANSI codes
+        raise CheckpointError(f"{path}: refused: not a weights-only {what} "
+                              f"(pickles carrying code are never loaded): {reason}") from None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:

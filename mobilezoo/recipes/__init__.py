@@ -99,6 +99,8 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for k, v in values.items():
         default = getattr(cls(), k) if k in known else None
+        if isinstance(v, dict) and not isinstance(default, dict) and not is_dataclass(default):
+            raise RecipeError(f"{where}.{k}: is a value, not a section (got {v!r})")
         kwargs[k] = _build(type(default), v, f"{where}.{k}") if is_dataclass(default) else v
     return cls(**kwargs)
 

@@ -130,10 +130,7 @@ class ClassificationTask(Task):
             raise DataError(f"{self.root / split}: classes {ds.classes} differ from the run's "
                             f"{list(names)}")
         self.recipe.data.class_names = ds.classes
-        if limit and limit < len(ds):  # a fixed random subset, so every class is represented
-            g = torch.Generator().manual_seed(0)
-            ds = Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:limit].tolist()))
-        return ds
+        return Subset(ds, stratified_subset(ds.samples, limit)) if limit and limit < len(ds) else ds
 
     def eval_transform(self):
         """The deterministic transform used for val, calibration and predict."""
@@ -198,6 +195,21 @@ class ClassificationTask(Task):
             out.append({"file": str(f), "topk": [{"label": names[i], "prob": round(v, 6)}
                                                   for v, i in zip(val.tolist(), idx.tolist())]})
         return out
+
+
+def stratified_subset(samples: list[tuple[str, int]], limit: int, seed: int = 0) -> list[int]:
+    """`limit` indices drawn round-robin over classes from a fixed shuffle: every class is kept."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in torch.randperm(len(samples), generator=g).tolist():
+        by_class.setdefault(samples[i][1], []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked: list[int] = []
+    while len(picked) < limit:
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop(0))
+    return sorted(picked)
 
 
 def expand_images(paths: list[str]) -> list[Path]:
