@@ -31,7 +31,49 @@ GMACS_REF = "coatnet_0_224"  # goal 1: every MOAT variant >= its GMAC/s, same ru
 BF16_GOAL = 1.8              # goal 2: bf16 throughput >= 1.8x fp32 at batch 32
 FULL = dict(warmup=10, iters=100, batch_iters=10, rounds=10)
 QUICK = dict(warmup=2, iters=6, batch_iters=2, rounds=2)
-PROBE = dict(warmup=2, iters=4, batch_iters=2, rounds=2)
+PROBE = dict(warmup=2, iters=4, batch=8, batch_iters=2, rounds=2)  # memory-format probe
+
+
+class IdleWaiter:
+    """A `pause` hook: before each timed chunk wait (up to max_wait s, budget s in all) until other
+    processes use less than `max_busy` cores, so a shared machine's load spoils fewer samples."""
+
+    def __init__(self, max_busy: float = 0.5, max_wait: float = 10.0, budget: float = 300.0):
+        self.max_busy, self.max_wait, self.budget = max_busy, max_wait, budget
+        self.checks = self.waited = self.gave_up = 0
+        self.spent = 0.0
+
+    @staticmethod
+    def _busy_cores(dt: float = 0.25) -> float:
+        def snap():
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            return sum(v) - v[3] - v[4], sum(v)  # busy (all but idle, iowait), total jiffies
+        b0, t0 = snap()
+        time.sleep(dt)
+        b1, t1 = snap()
+        return (os.cpu_count() or 1) * (b1 - b0) / max(t1 - t0, 1)
+
+    def __call__(self) -> None:
+        self.checks += 1
+        start = time.time()
+        try:
+            while self._busy_cores() > self.max_busy:
+                if time.time() - start > min(self.max_wait, self.budget - self.spent):
+                    self.gave_up += 1
+                    break
+                time.sleep(1.0)
+        except OSError:
+            return
+        waited = time.time() - start
+        self.spent += waited
+        self.waited += waited > 1.0
+
+    def summary(self) -> dict:
+        """How often the CPU was busy with other work before a chunk."""
+        return {"chunks": self.checks, "waited_for_idle": self.waited,
+                "ran_busy_anyway": self.gave_up, "seconds_waited": round(self.spent),
+                "max_busy_cores": self.max_busy, "max_wait_s": self.max_wait, "budget_s": self.budget}
 
 
 def cpu_name() -> str:
@@ -47,7 +89,7 @@ def pick_memory_format(args, log) -> tuple[bool, dict]:
     """Time every model in both formats; channels_last for all iff its geometric-mean speed-up >= 1."""
     thr = {}
     for cl in (True, False):
-        rows = benchmark(MODELS, PEERS, args.img_size, args.threads, args.precisions, args.batch,
+        rows = benchmark(MODELS, PEERS, args.img_size, args.threads, args.precisions,
                          channels_last=cl, log=log, **PROBE)
         thr[cl] = {f"{r['spec']}/{r['precision']}": r["throughput"] for r in rows}
     ratios = {k: round(thr[True][k] / thr[False][k], 3) for k in thr[True]}
@@ -102,6 +144,7 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         f"MACs: FlopCounterMode / 2 at batch 1. Peak MB: rise of the process RSS high-water mark "
         f"during one batch-{meta['batch']} forward (activations, not weights). "
         f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}"
+        + (f"; idle waits: {meta['idle_wait']}" if meta.get("idle_wait") else "")
         + (" (**quick run: few iterations, numbers are rough**)" if meta["quick"] else "") + ".",
         "",
         format_markdown(rows),
@@ -145,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default=None,
                    help="default: auto (timed) for a full run, channels_last with --quick")
+    p.add_argument("--no-wait-idle", dest="wait_idle", action="store_false",
+                   help="do not wait for other processes to go quiet before each timed chunk")
     args = p.parse_args(argv)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     fmt = args.memory_format or ("channels_last" if args.quick else "auto")
@@ -155,14 +200,16 @@ def main(argv=None) -> int:
     else:
         channels_last, probe, choice = fmt == "channels_last", None, "fixed by --memory-format"
     settings = QUICK if args.quick else FULL
+    waiter = IdleWaiter() if args.wait_idle else None
     t0 = time.time()
     rows = benchmark(MODELS, PEERS, args.img_size, args.threads, args.precisions, args.batch,
-                     channels_last=channels_last, log=log, **settings)
+                     channels_last=channels_last, log=log, pause=waiter, **settings)
     meta = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__, timm=timm.__version__,
                 python=platform.python_version(), batch=args.batch, img_size=args.img_size,
                 channels_last=channels_last, memory_format_choice=choice, memory_format_probe=probe,
                 quick=args.quick, seconds=round(time.time() - t0, 1), loadavg_before=load_before,
-                loadavg_after=[round(x, 2) for x in os.getloadavg()], **settings)
+                loadavg_after=[round(x, 2) for x in os.getloadavg()],
+                idle_wait=waiter.summary() if waiter else None, **settings)
     goals = check_goals(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moat_vs_timm.json").write_text(json.dumps(

@@ -3,7 +3,9 @@
 Every model runs in eval mode under `torch.inference_mode()` with `torch.set_num_threads(threads)`;
 "bf16" wraps each forward in `torch.autocast("cpu", dtype=torch.bfloat16)` (weights stay fp32).
 `benchmark` builds all models first and then times them in interleaved rounds in one process, so
-drifting clock speeds or noisy neighbours hit ours and the peers alike.
+drifting clock speeds or noisy neighbours hit ours and the peers alike; `iters` batch-1 and
+`batch_iters` batch-`batch` runs per model and precision are split over the rounds, and an
+optional `pause()` runs before every timed chunk (e.g. to wait for an idle CPU).
 
 Row fields:
   macs          multiply-accumulates of one image (FlopCounterMode total / 2 at batch 1; CPU flash
@@ -175,7 +177,7 @@ class _Runner:
 
 def _run(specs: list[ModelSpec], img_size, threads: int, precisions: Sequence[str], batch: int,
          warmup: int, iters: int, batch_iters: int, rounds: int, channels_last: bool,
-         log: Callable[[str], None] | None) -> list[_Runner]:
+         log: Callable[[str], None] | None, pause: Callable[[], None] | None = None) -> list[_Runner]:
     for p in precisions:
         _autocast(p)  # validates
     log = log or (lambda msg: None)
@@ -191,7 +193,7 @@ def _run(specs: list[ModelSpec], img_size, threads: int, precisions: Sequence[st
                 log(f"warm up {r.spec.spec} {p}")
                 for _ in range(warmup):
                     r.forward(r.x1, p)
-                for _ in range(max(1, warmup // 4)):
+                for _ in range(max(1, warmup // 10)):  # one batch run builds the kernels
                     r.forward(r.xb, p)
         rounds = max(1, min(rounds, iters, batch_iters))
         for i in range(rounds):
@@ -200,6 +202,8 @@ def _run(specs: list[ModelSpec], img_size, threads: int, precisions: Sequence[st
             order = runners if i % 2 == 0 else runners[::-1]
             for r in order:
                 for p in (precisions if i % 2 == 0 else precisions[::-1]):
+                    if pause is not None:
+                        pause()
                     r.time(p, n1, nb)
             log(f"round {i + 1}/{rounds} done")
         for r in runners:
@@ -222,13 +226,14 @@ def measure(model_spec: str, img_size: int | tuple = 224, threads: int = 2, prec
 def benchmark(models: Sequence[str], peers: Sequence[str], img_sizes: int | tuple | list = 224,
               threads: int = 2, precisions: Sequence[str] = PRECISIONS, batch: int = 32,
               warmup: int = 10, iters: int = 50, batch_iters: int = 10, rounds: int = 5,
-              channels_last: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+              channels_last: bool = True, log: Callable[[str], None] | None = None,
+              pause: Callable[[], None] | None = None) -> list[dict]:
     """Time ours and the peers interleaved in one process; add vs-peer ratios and bf16 speed-ups."""
     specs = [parse_spec(s) for s in (*models, *peers)]
     rows = []
     for size in img_sizes if isinstance(img_sizes, list) else [img_sizes]:  # a list sweeps sizes
         runners = _run(specs, size, threads, list(precisions), batch, warmup, iters, batch_iters,
-                       rounds, channels_last, log)
+                       rounds, channels_last, log, pause)
         group = [r.row(p, threads) for r in runners for p in precisions]
         _add_ratios(group, [s.name for s in specs[len(models):]])
         rows += group

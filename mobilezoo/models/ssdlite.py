@@ -1,0 +1,211 @@
+"""SSDLite detector on MobileDet backbones, as the TF object-detection API configures it.
+
+backbone C4/C5 -> four depthwise extra layers (512, 256, 256, 128) -> unshared depthwise box and
+class heads on the six maps -> TF `create_ssd_anchors` anchors (2,034 at 320x320). Training:
+IoU-0.5 matching with forced best anchors, box coder (10, 10, 5, 5), sigmoid focal loss
+(alpha 0.75 on positives, gamma 2) + smooth L1, both divided by the number of positives (and the
+box loss by 4). Inference: sigmoid, per-class NMS at IoU 0.6, 100 detections. torchvision's
+detection contract: train mode returns a loss dict, eval mode a list of boxes/scores/labels.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
+
+from ..layers import ConvNormAct
+from .mobiledet import ARCHS, MobileDetBackbone
+from .registry import register
+
+EXTRA_DEPTHS = (512, 256, 256, 128)
+
+
+def ssd_anchor_specs(num_layers: int = 6, min_scale: float = 0.2, max_scale: float = 0.95,
+                     aspect_ratios=(1.0, 2.0, 0.5, 3.0, 0.3333)) -> list[list[tuple[float, float]]]:
+    """(scale, aspect) pairs per layer, as TF `create_ssd_anchors` with its defaults."""
+    scales = [min_scale + (max_scale - min_scale) * i / (num_layers - 1) for i in range(num_layers)] + [1.0]
+    specs = [[(0.1, 1.0), (min_scale, 2.0), (min_scale, 0.5)]]  # reduce_boxes_in_lowest_layer
+    for k in range(1, num_layers):
+        layer = [(scales[k], ar) for ar in aspect_ratios]
+        layer.append((math.sqrt(scales[k] * scales[k + 1]), 1.0))  # interpolated scale, aspect 1
+        specs.append(layer)
+    return specs
+
+
+def grid_anchors(sizes: list[tuple[int, int]], specs, image_size: tuple[int, int]) -> torch.Tensor:
+    """Anchors (N, 4) as xyxy pixels of the input; order: layer, y, x, box spec (TF order).
+
+    Normalised anchors are made square in pixels for non-square inputs (TF's base_anchor_size
+    scaling by min(H, W) / H and min(H, W) / W); they are not clipped."""
+    ih, iw = image_size
+    base_h, base_w = min(ih, iw) / ih, min(ih, iw) / iw
+    out = []
+    for (fh, fw), spec in zip(sizes, specs):
+        s = torch.tensor([p[0] for p in spec], dtype=torch.float64)
+        ar = torch.tensor([p[1] for p in spec], dtype=torch.float64).sqrt()
+        h, w = s / ar * base_h, s * ar * base_w
+        cy = (torch.arange(fh, dtype=torch.float64) + 0.5) / fh
+        cx = (torch.arange(fw, dtype=torch.float64) + 0.5) / fw
+        cy, cx = torch.meshgrid(cy, cx, indexing="ij")
+        cy, cx = cy.reshape(-1, 1), cx.reshape(-1, 1)
+        boxes = torch.stack([(cx - w / 2) * iw, (cy - h / 2) * ih, (cx + w / 2) * iw, (cy + h / 2) * ih], -1)
+        out.append(boxes.reshape(-1, 4))
+    return torch.cat(out).float()
+
+
+def extra_layer(in_ch: int, depth: int, norm) -> nn.Sequential:
+    """1x1 to depth/2 -> depthwise 3x3 stride 2 -> 1x1 to depth, each BN + ReLU6 (use_depthwise)."""
+    mid = max(depth // 2, 16)
+    return nn.Sequential(ConvNormAct(in_ch, mid, 1, norm=norm, act=nn.ReLU6),
+                         ConvNormAct(mid, mid, 3, 2, groups=mid, norm=norm, act=nn.ReLU6),
+                         ConvNormAct(mid, depth, 1, norm=norm, act=nn.ReLU6))
+
+
+def head(in_ch: int, out_ch: int, norm) -> nn.Sequential:
+    """Depthwise 3x3 + BN + ReLU6, then a biased 1x1 prediction conv."""
+    return nn.Sequential(ConvNormAct(in_ch, in_ch, 3, groups=in_ch, norm=norm, act=nn.ReLU6),
+                         nn.Conv2d(in_ch, out_ch, 1))
+
+
+def _flatten(maps: list[torch.Tensor], width: int) -> torch.Tensor:
+    # NCHW -> NHWC -> (N, H*W*A, width): anchors fastest, then x, then y, as the anchor order.
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, width) for m in maps], 1)
+
+
+class SSDLite(nn.Module):
+    """SSDLite with a MobileDet backbone; `num_classes` logits (+1 if `background_class`)."""
+
+    def __init__(self, arch="cpu", num_classes: int = 90, background_class: bool = False,
+                 score_thresh: float = 1e-8, nms_iou: float = 0.6, detections_per_img: int = 100,
+                 topk_candidates: int = 1000, focal_alpha: float = 0.75, focal_gamma: float = 2.0,
+                 multiplier: float = 1.0, padding: str = "same"):
+        super().__init__()
+        self.backbone = MobileDetBackbone(arch, multiplier=multiplier, padding=padding)
+        norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
+        c4, c5 = (f["num_chs"] for f in self.backbone.feature_info)
+        extras, c = [], c5
+        for d in EXTRA_DEPTHS:
+            extras.append(extra_layer(c, d, norm))
+            c = d
+        self.extras = nn.ModuleList(extras)
+        self.anchor_specs = ssd_anchor_specs()
+        widths = [c4, c5, *EXTRA_DEPTHS]
+        self.num_classes, self.background = num_classes, background_class
+        self.num_logits = num_classes + int(background_class)
+        self.box_heads = nn.ModuleList(head(w, len(s) * 4, norm) for w, s in zip(widths, self.anchor_specs))
+        self.cls_heads = nn.ModuleList(head(w, len(s) * self.num_logits, norm)
+                                       for w, s in zip(widths, self.anchor_specs))
+        for m in [*self.extras.modules()]:
+            if isinstance(m, nn.Conv2d):  # truncated normal 0.03 in the extra layers
+                nn.init.trunc_normal_(m.weight, std=0.03, a=-0.06, b=0.06)
+        for m in [*self.box_heads.modules(), *self.cls_heads.modules()]:
+            if isinstance(m, nn.Conv2d):  # random normal 0.03 in the box predictor
+                nn.init.normal_(m.weight, std=0.03)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for h in self.cls_heads:
+            nn.init.constant_(h[-1].bias, -4.6)
+        self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+        self.matcher = det_utils.SSDMatcher(0.5)
+        self.score_thresh, self.nms_iou = score_thresh, nms_iou
+        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self._anchor_cache: dict = {}
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The six SSD feature maps: C4, C5 and the four extra layers."""
+        feats = self.backbone(images)
+        x = feats[-1]
+        for layer in self.extras:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+    def head_outputs(self, images: torch.Tensor):
+        """(box regression (N, A, 4), class logits (N, A, num_logits), feature-map sizes)."""
+        feats = self.features(images)
+        boxes = _flatten([h(f) for h, f in zip(self.box_heads, feats)], 4)
+        logits = _flatten([h(f) for h, f in zip(self.cls_heads, feats)], self.num_logits)
+        return boxes, logits, [tuple(f.shape[-2:]) for f in feats]
+
+    def anchors(self, sizes, image_size, device) -> torch.Tensor:
+        """Anchors for these feature-map sizes and input size (cached)."""
+        key = (tuple(sizes), tuple(image_size), str(device))
+        if key not in self._anchor_cache:
+            self._anchor_cache[key] = grid_anchors(sizes, self.anchor_specs, image_size).to(device)
+        return self._anchor_cache[key]
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        regression, logits, sizes = self.head_outputs(images)
+        anchors = self.anchors(sizes, images.shape[-2:], images.device)
+        if self.training:
+            if targets is None:  # e.g. BatchNorm recalibration: raw outputs
+                return {"bbox_regression": regression, "cls_logits": logits}
+            return self.loss(regression, logits, anchors, targets)
+        return self.postprocess(regression, logits, anchors, tuple(images.shape[-2:]))
+
+    def loss(self, regression, logits, anchors, targets) -> dict[str, torch.Tensor]:
+        """Focal classification + smooth-L1 box loss, normalised by the number of positives."""
+        cls_targets, box_targets, positive = [], [], []
+        for t in targets:
+            boxes, labels = t["boxes"], t["labels"]
+            target = torch.zeros(anchors.shape[0], self.num_logits, device=logits.device)
+            if boxes.numel() == 0:
+                matched = torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device)
+            else:
+                matched = self.matcher(box_iou(boxes, anchors))
+            pos = matched >= 0
+            gt = matched[pos]
+            target[pos, labels[gt] + int(self.background)] = 1.0  # background column stays 0
+            cls_targets.append(target)
+            box_targets.append(self.box_coder.encode_single(boxes[gt], anchors[pos]) if pos.any()
+                               else regression.new_zeros(0, 4))
+            positive.append(pos)
+        positive = torch.stack(positive)
+        num_pos = max(1, int(positive.sum()))
+        cls = sigmoid_focal_loss(logits.float(), torch.stack(cls_targets), self.focal_alpha,
+                                 self.focal_gamma, reduction="sum") / num_pos
+        box = F.smooth_l1_loss(regression[positive].float(), torch.cat(box_targets), beta=1.0,
+                               reduction="sum") / num_pos / 4  # normalize_loc_loss_by_codesize
+        return {"classification": cls, "bbox_regression": box}
+
+    @torch.no_grad()
+    def postprocess(self, regression, logits, anchors, image_size) -> list[dict]:
+        """Sigmoid scores, per-class NMS, top detections, boxes clipped to the input."""
+        scores_all = logits.float().sigmoid()
+        if self.background:
+            scores_all = scores_all[..., 1:]
+        out = []
+        for reg, scores in zip(regression.float(), scores_all):
+            flat = scores.flatten()
+            keep = flat > self.score_thresh
+            idx = keep.nonzero().squeeze(1)
+            if idx.numel() > self.topk_candidates:
+                idx = idx[flat[idx].topk(self.topk_candidates).indices]
+            a_idx, labels = idx // self.num_classes, idx % self.num_classes
+            boxes = self.box_coder.decode_single(reg[a_idx], anchors[a_idx])
+            boxes = clip_boxes_to_image(boxes, image_size)
+            sc = flat[idx]
+            kept = batched_nms(boxes, sc, labels, self.nms_iou)[: self.detections_per_img]
+            out.append({"boxes": boxes[kept], "scores": sc[kept], "labels": labels[kept]})
+        return out
+
+
+def _detector_factory(variant: str | None):
+    def build(**kwargs) -> SSDLite:
+        arch = kwargs.pop("arch", variant)
+        if arch is None:
+            raise ValueError("ssdlite_mobiledet needs arch=NAME_OR_JSON_PATH")
+        kwargs.pop("features_only", None)
+        return SSDLite(arch, **kwargs)
+    return build
+
+
+for _name in ARCHS:
+    register(f"ssdlite_mobiledet_{_name}", "detect", _detector_factory(_name), (3, 320, 320), __name__)
+register("ssdlite_mobiledet", "detect", _detector_factory(None), (3, 320, 320), __name__)
