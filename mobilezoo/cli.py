@@ -63,7 +63,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(f"{args.name}: {info['params']:,} parameters, {info['macs'] / 1e9:.3f} GMACs "
+        print(f"{args.name}: {info['params']:,} parameters ({info['variables']:,} with BN statistics), "
+              f"{info['macs'] / 1e9:.3f} GMACs "
               f"at {'x'.join(map(str, info['input_size']))}")
         for k, shape in info["output_shapes"].items():
             print(f"  {k:10s} {shape}")
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mobilezoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
     except KeyboardInterrupt:
         print(f"mobilezoo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_variables(model: nn.Module) -> int:
+    """Parameters plus BN running statistics: what TF reports as a model's "Parameters"."""
+    return sum(t.numel() for k, t in model.state_dict().items() if not k.endswith("num_batches_tracked"))
+
+
 def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass: FlopCounterMode FLOPs / 2 (conv + matmul + SDPA)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -38,10 +43,21 @@ def model_info(name: str, img_size: list[int] | int | None = None, batch: int = 
     with torch.device("meta"):
         model = create_model(name, **kwargs).eval()
         x = torch.empty(batch, c, *hw)
-        info = {"params": count_params(model), "macs": count_macs(model, x) // batch,
+        # Detectors: the network up to the raw head outputs (NMS cannot run on the meta device).
+        net = model.head_outputs if entry.task == "detect" else model
+        info = {"params": count_params(model), "variables": count_variables(model),
+                "macs": count_macs(net, x) // batch,
                 "input_size": [c, *hw]}
         with torch.no_grad():
-            info["output_shapes"] = _shapes(model(x))
+            out = net(x)
+            if entry.task == "detect":
+                info["output_shapes"] = {"box_regression": list(out[0].shape),
+                                         "class_logits": list(out[1].shape),
+                                         **{f"feature{i}": list(f.shape)
+                                            for i, f in enumerate(model.features(x))}}
+                info["anchors"] = out[0].shape[1]
+            else:
+                info["output_shapes"] = _shapes(out)
             if entry.task == "classify" and not kwargs.get("features_only"):
                 kwargs = {**kwargs, "features_only": True}
                 kwargs.pop("num_classes", None)
