@@ -115,7 +115,14 @@ def cmd_predict(args) -> int:
     from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
     device = resolve_device(recipe.train.device)
-    preds = task.predict(model.to(device), args.inputs, topk=args.topk, device=device)
+    model = model.to(device)
+    if task.name == "detect":  # COCO-results JSON + one PNG per image with the boxes drawn
+        out = Path(args.out or Path(args.run) / "predictions")
+        preds = task.predict(model, args.inputs, out_dir=out, device=device, score_thresh=args.score_thresh)
+        print(f"{len(preds)} boxes with score >= {args.score_thresh}; wrote {out / 'predictions.json'} "
+              f"and drawings in {out}")
+        return 0
+    preds = task.predict(model, args.inputs, topk=args.topk, device=device)
     text = write_predictions(preds, Path(args.out) if args.out else None)
     if not args.out:
         print(text)
@@ -177,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(s, training=False)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("predict", help="predict on image files or folders")
+    s = sub.add_parser("predict", help="predict on image files or folders (labels or boxes)")
     s.add_argument("run", help="run directory")
     s.add_argument("inputs", nargs="+", help="image files or folders")
-    s.add_argument("--topk", type=int, default=5)
-    s.add_argument("--out", help="write predictions JSON here (default: print it)")
+    s.add_argument("--topk", type=int, default=5, help="classification: labels per image")
+    s.add_argument("--score-thresh", type=float, default=0.3, help="detection: lowest score drawn/kept")
+    s.add_argument("--out", help="classification: JSON file (default: print it); "
+                   "detection: folder for predictions.json + PNGs (default RUN/predictions)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.set_defaults(fn=cmd_predict)
 

@@ -12,11 +12,11 @@ def cache_dir() -> Path:
 
 def resolve(name_or_path: str) -> Path:
     """An embedded dataset name (generated on first use) or an existing folder."""
-    from . import digits
-    generators = {"digits": digits.ensure}
+    from . import digits, shapes
+    generators = {"digits": digits.ensure, "shapes": shapes.ensure}
     if name_or_path in generators:
         return generators[name_or_path]()
     return Path(name_or_path)
 
 
-EMBEDDED = ("digits",)
+EMBEDDED = ("digits", "shapes")

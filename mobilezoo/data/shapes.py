@@ -6,12 +6,13 @@ Layout (the same as any user COCO dataset the detection task reads):
     shapes/val/000001.jpg ...            shapes/annotations/instances_val.json
 
 Five classes told apart by form only (colour is random), with category ids that have gaps
-(1, 3, 4, 7, 9) so the id <-> label mapping is exercised. Each image is 320x320 with 0-6 shapes of
-20-160 px (longer side), random aspect and rotation, partial overlap (every shape keeps at least
-60% of its pixels visible), on a gradient + stripes/blobs + fine-noise background. A box is the
-exact extent of the shape's visible pixels and `area` their count (COCO's modal convention). A few
-val images also hold a crowd: a cluster of small same-class shapes annotated by one iscrowd=1 box.
-Every image is drawn from its own seed, so the set is the same on every machine."""
+(1, 3, 4, 7, 9) so the id <-> label mapping is exercised. Each image is 320x320 with 1-6 shapes
+(none in every 20th image) of 20-160 px (longer side), random aspect and rotation, partial
+overlap (every shape keeps at least 60% of its pixels visible), on a gradient + stripes/blobs +
+fine-noise background. A box is the exact extent of the shape's visible pixels and `area` their
+count (COCO's modal convention). Every 16th val image also holds a crowd: a cluster of small
+same-class shapes annotated by one iscrowd=1 box. Every image is drawn from its own seed, so the
+set is the same on every machine."""
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ CATEGORIES = {1: "ellipse", 3: "rectangle", 4: "triangle", 7: "star", 9: "cross"
 SIZE_RANGE = (20, 160)  # longer side of a shape, in pixels (log-uniform)
 ASPECT_RANGE = (0.6, 1.0 / 0.6)
 MAX_OBJECTS = 6
-EMPTY_FRACTION = 0.05
-CROWD_FRACTION = 0.06  # of val images
+EMPTY_EVERY = 20  # images i with i % 20 == 7 have no shapes (5%)
+CROWD_EVERY = 16  # val images i with i % 16 == 5 hold a crowd (about 6%)
 MIN_VISIBLE = 0.6
 MIN_CONTRAST = 110.0  # RGB distance between a shape and the background under it
 
@@ -143,8 +144,9 @@ def _box(m: np.ndarray) -> list[float]:
     return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
 
 
-def make_image(index: int, split: str, crowd_fraction: float) -> tuple[np.ndarray, list[dict]]:
-    """One uint8 (S, S, 3) image and its annotations (without ids), drawn from its own seed."""
+def make_image(index: int, split: str) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """One uint8 (S, S, 3) image, its annotations (without ids) and the map of which shape each
+    pixel shows (-1: background or crowd), drawn from its own seed."""
     rng = np.random.default_rng([SEED, 0 if split == "train" else 1, index])
     img = _background(rng)
     names = list(CATEGORIES.values())
@@ -154,7 +156,7 @@ def make_image(index: int, split: str, crowd_fraction: float) -> tuple[np.ndarra
     full_area: list[int] = []
     anns: list[dict] = []
     forbid = None
-    if rng.random() < crowd_fraction:
+    if split == "val" and index % CROWD_EVERY == 5:
         # a crowd: 6-10 small shapes of one class in a patch, one iscrowd box for all of them
         name = names[int(rng.integers(len(names)))]
         ph, pw = int(rng.integers(60, 110)), int(rng.integers(60, 110))
@@ -175,7 +177,7 @@ def make_image(index: int, split: str, crowd_fraction: float) -> tuple[np.ndarra
         forbid = np.zeros((SIZE, SIZE), bool)
         x, y, w, h = (int(v) for v in anns[0]["bbox"])
         forbid[y: y + h, x: x + w] = True
-    n = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, MAX_OBJECTS + 1)) if index % EMPTY_EVERY != 7 else 0
     for _ in range(n):
         name = names[int(rng.integers(len(names)))]
         mask, h, w = _shape_mask(name, rng)
@@ -194,7 +196,7 @@ def make_image(index: int, split: str, crowd_fraction: float) -> tuple[np.ndarra
                      "area": float(visible.sum()), "iscrowd": 0})
     # fine noise over background and shapes alike
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(3, 8))
-    return np.clip(img, 0, 255).astype(np.uint8), anns
+    return np.clip(img, 0, 255).astype(np.uint8), anns, owner
 
 
 def write_split(root: Path, split: str, count: int) -> None:
@@ -203,7 +205,7 @@ def write_split(root: Path, split: str, count: int) -> None:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
-        pixels, anns = make_image(i, split, CROWD_FRACTION if split == "val" else 0.0)
+        pixels, anns, _ = make_image(i, split)
         name = f"{i + 1:06d}.jpg"
         Image.fromarray(pixels).save(root / split / name, quality=92)
         images.append({"id": i + 1, "file_name": name, "width": SIZE, "height": SIZE})
@@ -215,11 +217,15 @@ def write_split(root: Path, split: str, count: int) -> None:
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
 
 
-def ensure(root: Path | None = None, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL) -> Path:
+def ensure(root: Path | None = None, num_train: int | None = None, num_val: int | None = None) -> Path:
     """Write the dataset under `root` (default: the cache) unless already complete; return root.
 
-    `num_train` / `num_val` shrink the set (tests); the first N images are the same either way."""
+    `num_train` / `num_val` (default NUM_TRAIN, NUM_VAL) shrink the set for tests; image i is the
+    same whatever the count. A cached set written with other counts or by another VERSION is
+    rewritten."""
     root = Path(root) if root is not None else cache_dir() / "shapes"
+    num_train = NUM_TRAIN if num_train is None else num_train
+    num_val = NUM_VAL if num_val is None else num_val
     marker = f"shapes v{VERSION}, seed {SEED}, {num_train} train, {num_val} val\n"
     done = root / ".complete"
     if done.is_file() and done.read_text() == marker:

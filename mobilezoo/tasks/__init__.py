@@ -5,8 +5,9 @@ from ..errors import RecipeError
 from ..recipes import Recipe
 from .base import Task
 from .classification import ClassificationTask
+from .detection import DetectionTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassificationTask}
+TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask}
 
 
 def build_task(recipe: Recipe) -> Task:

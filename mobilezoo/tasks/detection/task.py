@@ -1,0 +1,242 @@
+"""The detection task: COCO-format data, an SSDLite-style detector, COCO mAP, and predict-and-draw."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from ... import data as embedded
+from ...errors import DataError
+from ...models import create_model
+from ..base import Task
+from .coco import CocoAnnotations, CocoDetection, read_image
+from .metric import CocoMetric, to_original
+from .transforms import DEFAULT_AUGMENT, collate_detection, eval_transform, train_transform
+
+log = logging.getLogger("mobilezoo")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+GALLERY = 8  # val images drawn into the report
+PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+           "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3"]
+LAYOUT = "ROOT/train/, ROOT/val/ and ROOT/annotations/instances_{train,val}.json (COCO layout)"
+
+
+def fixed_subset(ids: list[int], limit: int | None, seed: int = 0) -> list[int]:
+    """`limit` ids drawn from a fixed shuffle (all ids if no limit), in their original order."""
+    if not limit or limit >= len(ids):
+        return list(ids)
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(ids), generator=g)[:limit].tolist())
+    return [ids[i] for i in keep]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A model input in [-1, 1] back to a uint8 image."""
+    return ((image.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: list[float],
+         names: list[str]) -> torch.Tensor:
+    """uint8 image with the boxes (xyxy pixels) drawn and captioned 'name score'."""
+    if len(boxes) == 0:
+        return image
+    captions = [f"{names[k]} {s:.2f}" for k, s in zip(labels, scores)]
+    colors = [PALETTE[k % len(PALETTE)] for k in labels]
+    return draw_bounding_boxes(image, boxes.float(), captions, colors=colors, width=2)
+
+
+class DetectionTask(Task):
+    """Train/eval/predict a detector on COCO-format data: `data.name` is `shapes` (generated) or a
+    folder holding train/ and val/ image folders and annotations/instances_{train,val}.json.
+
+    `data.augment` takes `hflip` and `ssd_crop`, the probabilities of a horizontal flip and of the
+    SSD random crop (defaults 0.5 and 0.85)."""
+
+    name = "detect"
+    collate = staticmethod(collate_detection)
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        unknown = set(recipe.data.augment) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
+                            f"expected some of {', '.join(DEFAULT_AUGMENT)}")
+        self.aug = {**DEFAULT_AUGMENT, **recipe.data.augment}
+        for k, v in self.aug.items():
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+                raise DataError(f"data.augment.{k} must be a probability in [0, 1], got {v!r}")
+        self._anns: dict[str, CocoAnnotations] = {}
+        self._gallery: list[tuple[torch.Tensor, dict]] = []
+
+    # --- data -----------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """Dataset root (see LAYOUT)."""
+        root = embedded.resolve(self.recipe.data.name)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such folder (expected {LAYOUT})")
+        return root
+
+    def annotations(self, split: str) -> CocoAnnotations:
+        """The validated instances file of a split (loaded once per task)."""
+        if split not in self._anns:
+            anns = CocoAnnotations(self.root / "annotations" / f"instances_{split}.json")
+            names = self.recipe.data.class_names
+            if names is not None and anns.class_names != list(names):
+                raise DataError(f"{anns.file}: categories {anns.class_names} differ from the run's "
+                                f"{list(names)}")
+            for other in self._anns.values():
+                if other.cat_ids != anns.cat_ids or other.class_names != anns.class_names:
+                    raise DataError(f"{anns.file}: categories differ from those of {other.file}")
+            self.recipe.data.class_names = anns.class_names
+            self._anns[split] = anns
+        return self._anns[split]
+
+    def _split(self, split: str, transform, limit: int | None) -> CocoDetection:
+        anns = self.annotations(split)
+        return CocoDetection(self.root / split, anns, transform, self.recipe.data.skip_bad_samples,
+                             fixed_subset(anns.image_ids, limit))
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        d = self.recipe.data
+        return (self._split("train", train_transform(d.img_size, self.aug), d.limit_train),
+                self.val_dataset())
+
+    def val_dataset(self) -> Dataset:
+        """The val split with eval transforms."""
+        return self._split("val", eval_transform(self.recipe.data.img_size), self.recipe.data.limit_val)
+
+    def calibration_dataset(self) -> Dataset:
+        return self._split("train", eval_transform(self.recipe.data.img_size), self.recipe.data.limit_train)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes K (labels 0..K-1; no background slot)."""
+        if self.recipe.data.class_names is None:
+            self.annotations("val")
+        return len(self.recipe.data.class_names)
+
+    def category_ids(self) -> list[int]:
+        """COCO category id of each label, from the data; 1..K if the data is not at hand."""
+        if "val" not in self._anns:
+            path = embedded.resolve(self.recipe.data.name) / "annotations" / "instances_val.json"
+            if not path.is_file():
+                k = self.num_classes
+                log.warning("%s not found; reporting category ids 1..%d in class-name order", path, k)
+                return list(range(1, k + 1))
+        return self.annotations("val").cat_ids
+
+    # --- model, loss, metric --------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.recipe.model.name, num_classes=self.num_classes, **self.recipe.model.args)
+
+    def batch_size(self, batch: dict) -> int:
+        return len(batch["image"])
+
+    def forward(self, model: nn.Module, batch: dict):
+        return model(batch["image"])
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        losses = model(batch["image"], batch["target"])
+        return sum(losses.values())
+
+    def metric(self) -> CocoMetric:
+        self._gallery = []
+        return CocoMetric(self.annotations("val"))
+
+    def eval_step(self, model: nn.Module, batch: dict, metric: CocoMetric) -> None:
+        images = batch["image"]
+        detections = model(images)
+        metric.update(detections, batch["image_id"], batch["orig_size"], tuple(images.shape[-2:]))
+        for image, det in zip(images, detections):
+            if len(self._gallery) >= GALLERY:
+                break
+            self._gallery.append((to_uint8(image), {k: v.detach().cpu() for k, v in det.items()}))
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def summary(self, m: dict) -> str:
+        return f"mAP {m['map']:.3f}, AP50 {m['ap50']:.3f} on {m['count']} images"
+
+    def report(self, run_dir: Path, metrics: dict, history: list[dict]) -> list[str]:
+        if "map" not in metrics:
+            return []
+        lines = [f"**val mAP@[.5:.95] {metrics['map']:.3f}**, AP50 {metrics['ap50']:.3f}, "
+                 f"AP75 {metrics['ap75']:.3f}; AP small {metrics['ap_small']:.3f}, "
+                 f"medium {metrics['ap_medium']:.3f}, large {metrics['ap_large']:.3f} "
+                 f"(COCOeval on {metrics['count']} images; -1: no objects of that size)", ""]
+        if self._gallery:
+            names = self.recipe.data.class_names
+            drawn = []
+            for image, det in self._gallery:
+                keep = det["scores"] >= 0.3
+                drawn.append(draw(image, det["boxes"][keep], det["labels"][keep].tolist(),
+                                  det["scores"][keep].tolist(), names))
+            grid = make_grid(drawn, nrow=4, padding=4, pad_value=255)
+            write_png(grid, str(Path(run_dir) / "detections.png"))
+            lines += ["Detections with score >= 0.3 on the first val images:", "",
+                      "![detections](detections.png)", ""]
+        rows = [f"| {n} | {ap:.3f} |" for n, ap in metrics["per_class_ap"].items()]
+        return lines + ["| class | AP@[.5:.95] |", "|---|---|", *rows]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, paths: list[str], out_dir: str | Path | None = None,
+                device="cpu", score_thresh: float = 0.3) -> list[dict]:
+        """COCO-results dicts (one per box with score >= score_thresh) for image files or folders.
+
+        Each dict: image_id (1-based position of the file in the sorted input list), file_name,
+        category_id, category (class name), bbox [x, y, w, h] in original-image pixels, score.
+        With `out_dir`, also writes out_dir/predictions.json and one PNG per image, boxes drawn."""
+        files = expand_images(paths)
+        cat_ids = self.category_ids()  # also fills the class names from the data if need be
+        size, names = self.recipe.data.img_size, self.recipe.data.class_names
+        tf = eval_transform(size)
+        model.eval()
+        out_dir = Path(out_dir) if out_dir is not None else None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        stems = [f.stem for f in files]
+        results = []
+        for idx, f in enumerate(files):
+            image = read_image(f)
+            h, w = image.shape[1:]
+            det = model(tf(image)[None].to(device))[0]
+            keep = det["scores"] >= score_thresh
+            boxes = to_original(det["boxes"][keep].float().cpu(), (size, size), (h, w))
+            labels = det["labels"][keep].cpu().tolist()
+            scores = det["scores"][keep].float().cpu().tolist()
+            for box, label, score in zip(boxes.tolist(), labels, scores):
+                x0, y0, x1, y1 = box
+                results.append({"image_id": idx + 1, "file_name": str(f), "category_id": cat_ids[label],
+                                "category": names[label],
+                                "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                                "score": round(score, 5)})
+            if out_dir is not None:
+                name = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{idx + 1}"
+                write_png(draw(image, boxes, labels, scores, names), str(out_dir / f"{name}.png"))
+        if out_dir is not None:
+            (out_dir / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
+        return results
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under named folders."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, paths))}")
+    return files
