@@ -27,8 +27,8 @@ class MobileBlock(nn.Module):
                  residual: bool = False, se: bool = False, act: Callable[[], nn.Module] = nn.ReLU6,
                  norm: Callable[[int], nn.Module] = nn.BatchNorm2d, padding: str = "same"):
         super().__init__()
-        if residual and (stride != 1 or in_ch != out_ch):
-            raise ValueError(f"a residual {kind} layer needs stride 1 and in == out, got "
+        if residual and (stride != 1 or in_ch != out_ch or kind == "ibn_noexp"):
+            raise ValueError(f"a residual {kind} layer needs stride 1, in == out and expansion, got "
                              f"stride {stride}, {in_ch} -> {out_ch}")
         cna = dict(norm=norm, act=act, padding=padding)
         if kind == "ibn_noexp":

@@ -82,7 +82,7 @@ class SSDLite(nn.Module):
 
     def __init__(self, arch="cpu", num_classes: int = 90, background_class: bool = False,
                  score_thresh: float = 1e-8, nms_iou: float = 0.6, detections_per_img: int = 100,
-                 topk_candidates: int = 1000, focal_alpha: float = 0.75, focal_gamma: float = 2.0,
+                 topk_candidates: int = 200, focal_alpha: float = 0.75, focal_gamma: float = 2.0,
                  multiplier: float = 1.0, padding: str = "same"):
         super().__init__()
         self.backbone = MobileDetBackbone(arch, multiplier=multiplier, padding=padding)
@@ -182,15 +182,15 @@ class SSDLite(nn.Module):
             scores_all = scores_all[..., 1:]
         out = []
         for reg, scores in zip(regression.float(), scores_all):
-            flat = scores.flatten()
-            keep = flat > self.score_thresh
-            idx = keep.nonzero().squeeze(1)
-            if idx.numel() > self.topk_candidates:
-                idx = idx[flat[idx].topk(self.topk_candidates).indices]
-            a_idx, labels = idx // self.num_classes, idx % self.num_classes
+            # The best `topk_candidates` anchors of *each* class go to NMS, so no class can crowd
+            # another out (TF runs NMS per class over every anchor; this caps the cost).
+            k = min(self.topk_candidates, scores.shape[0])
+            sc, a_idx = scores.topk(k, dim=0)  # (k, classes)
+            labels = torch.arange(self.num_classes, device=sc.device).expand(k, -1)
+            keep = sc > self.score_thresh
+            sc, a_idx, labels = sc[keep], a_idx[keep], labels[keep]
             boxes = self.box_coder.decode_single(reg[a_idx], anchors[a_idx])
             boxes = clip_boxes_to_image(boxes, image_size)
-            sc = flat[idx]
             kept = batched_nms(boxes, sc, labels, self.nms_iou)[: self.detections_per_img]
             out.append({"boxes": boxes[kept], "scores": sc[kept], "labels": labels[kept]})
         return out
