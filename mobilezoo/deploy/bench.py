@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .profile import count_macs
 
 __all__ = ["ModelSpec", "parse_spec", "count_macs", "measure", "benchmark", "format_markdown"]
 
@@ -77,18 +78,6 @@ def _build(spec: ModelSpec) -> nn.Module:
         return timm.create_model(spec.name, pretrained=False)  # random init: nothing is downloaded
     from mobilezoo import create_model
     return create_model(spec.name)
-
-
-def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of `model(x)`: torch's FlopCounterMode total / 2."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def _autocast(precision: str):

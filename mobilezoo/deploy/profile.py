@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ..layers import reference_padding
 from ..models import create_model, get_entry
 
 
@@ -18,9 +19,17 @@ def count_variables(model: nn.Module) -> int:
     return sum(t.numel() for k, t in model.state_dict().items() if not k.endswith("num_batches_tracked"))
 
 
-def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass: FlopCounterMode FLOPs / 2 (conv + matmul + SDPA)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def count_macs(model, inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass: FlopCounterMode FLOPs / 2 (conv + matmul +
+    attention, including the CPU flash-attention kernel FlopCounterMode does not know), with
+    convolutions padded as TF does (see `reference_padding`)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    with reference_padding(), torch.no_grad(), \
+            FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(inputs)
     return counter.get_total_flops() // 2
 

@@ -73,7 +73,8 @@ class RelPosAttention2d(nn.Module):
         t = window_partition(self.norm(x.permute(0, 2, 3, 1)), window)
         b, length, _ = t.shape
         q, k, v = self.qkv(t).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        bias = None if self.rel_table is None else self.relative_bias(*window).to(q.dtype)
+        # A 4-D mask lets SDPA use its fused CPU kernel (a 3-D one falls back to the slow math path).
+        bias = None if self.rel_table is None else self.relative_bias(*window).to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = self.proj(out.transpose(1, 2).reshape(b, length, c))
         return window_merge(out, window, (hh, ww)).permute(0, 3, 1, 2)
