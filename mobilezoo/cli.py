@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
-    s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs per round")
+    s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs in all (spread over the rounds)")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
 
