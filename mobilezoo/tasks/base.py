@@ -8,7 +8,35 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from ..engine.metrics import SumMetric
+from ..errors import BadSampleError, DataError
 from ..recipes import Recipe
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """uint8 RGB tensor (3, H, W) of an image file; BadSampleError naming the file otherwise."""
+    from torchvision.io import ImageReadMode, decode_image
+    if not Path(path).is_file():
+        raise BadSampleError(f"{path}: image file not found")
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise BadSampleError(f"{path}: cannot read image ({str(e).splitlines()[0]})") from None
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under named folders."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, paths))}")
+    return files
 
 
 def collate_skipping(samples: list) -> dict:

@@ -9,26 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from .. import data as embedded
 from ..engine.metrics import SumMetric
 from ..errors import BadSampleError, DataError
 from ..models import create_model
-from .base import Task
+from .base import Task, expand_images, read_image  # noqa: F401 (re-exported)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # MOAT input normalisation option 1
 DEFAULT_AUGMENT = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": True,
                    "affine_degrees": 0.0, "affine_translate": 0.0, "crop_pct": 0.875}
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 RGB tensor (3, H, W) of an image file; a clear error naming the file if unreadable."""
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise BadSampleError(f"{path}: cannot read image ({str(e).splitlines()[0]})") from None
 
 
 def train_transform(size: int, aug: dict) -> v2.Compose:
@@ -210,21 +201,6 @@ def stratified_subset(samples: list[tuple[str, int]], limit: int, seed: int = 0)
             if q and len(picked) < limit:
                 picked.append(q.pop(0))
     return sorted(picked)
-
-
-def expand_images(paths: list[str]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under named folders."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not files:
-        raise DataError(f"no image files in {', '.join(paths)}")
-    return files
 
 
 def write_predictions(preds: list[dict], out: Path | None) -> str:

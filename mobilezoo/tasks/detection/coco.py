@@ -19,22 +19,13 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
 from ...errors import BadSampleError, DataError
+from ..base import read_image
 
 log = logging.getLogger("mobilezoo")
 MAX_LISTED = 5  # problems spelled out in one error message; the rest are counted
 
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 RGB tensor (3, H, W) of an image file; BadSampleError naming the file otherwise."""
-    if not Path(path).is_file():
-        raise BadSampleError(f"{path}: image file not found")
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise BadSampleError(f"{path}: cannot read image ({str(e).splitlines()[0]})") from None
 
 
 def _number(v) -> bool:

@@ -14,13 +14,12 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import Task
-from .coco import CocoAnnotations, CocoDetection, read_image
+from ..base import Task, expand_images, read_image
+from .coco import CocoAnnotations, CocoDetection
 from .metric import CocoMetric, to_original
 from .transforms import DEFAULT_AUGMENT, collate_detection, eval_transform, train_transform
 
 log = logging.getLogger("mobilezoo")
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 GALLERY = 8  # val images drawn into the report
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
            "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3"]
@@ -225,18 +224,3 @@ class DetectionTask(Task):
         if out_dir is not None:
             (out_dir / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
         return results
-
-
-def expand_images(paths: list[str]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under named folders."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not files:
-        raise DataError(f"no image files in {', '.join(map(str, paths))}")
-    return files
