@@ -134,8 +134,18 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .deploy import bench_detect
     from .deploy.bench import benchmark, format_markdown
-    rows = benchmark(args.models, args.vs, args.img_size, threads=args.threads,
+    from .models import list_models
+    detectors = set(list_models("detect")) | bench_detect.TORCHVISION
+    if all(m in detectors for m in args.models + args.vs):  # end-to-end detector latency
+        rows = bench_detect.detector_benchmark(args.models, args.vs, args.img_size or 320,
+                                               args.threads, log=lambda m: print(m, file=sys.stderr))
+        print(bench_detect.format_markdown(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    rows = benchmark(args.models, args.vs, args.img_size or 224, threads=args.threads,
                      precisions=args.precision, batch=args.batch, iters=args.iters,
                      log=lambda m: print(m, file=sys.stderr))
     print(format_markdown(rows))
@@ -195,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s against timm peers")
-    s.add_argument("models", nargs="+", help="our model names, or timm:NAME[@SIZE] for any timm model")
+    s.add_argument("models", nargs="+", help="our model names, or timm:NAME[@SIZE] for any timm model; "
+                   "detectors are timed end to end against --vs tv:ssdlite320_mobilenet_v3_large")
     s.add_argument("--vs", nargs="*", default=[], metavar="timm:NAME[@SIZE]",
                    help="peers timed in the same run; ratios are reported against them")
-    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--img-size", type=int, help="input side (default 224; detectors 320)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
