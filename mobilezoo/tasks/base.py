@@ -59,6 +59,10 @@ class Task:
         """(train, val) datasets; also fills `recipe.data.class_names`."""
         raise NotImplementedError
 
+    def val_dataset(self) -> Dataset:
+        """The val split with evaluation transforms (used by `mobilezoo eval`)."""
+        raise NotImplementedError
+
     def calibration_dataset(self) -> Dataset:
         """Training samples with evaluation transforms (BN recalibration, INT8 calibration)."""
         raise NotImplementedError
