@@ -1,8 +1,11 @@
 """Embedded default datasets, generated locally into real files in the real formats."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+
+EMBEDDED = ("digits", "shapes")  # each is a module here with an `ensure()` that writes the files
 
 
 def cache_dir() -> Path:
@@ -12,11 +15,6 @@ def cache_dir() -> Path:
 
 def resolve(name_or_path: str) -> Path:
     """An embedded dataset name (generated on first use) or an existing folder."""
-    from . import digits, shapes
-    generators = {"digits": digits.ensure, "shapes": shapes.ensure}
-    if name_or_path in generators:
-        return generators[name_or_path]()
+    if name_or_path in EMBEDDED:
+        return importlib.import_module(f".{name_or_path}", __name__).ensure()
     return Path(name_or_path)
-
-
-EMBEDDED = ("digits", "shapes")
