@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from mobilezoo.deploy import benchmark, format_markdown  # noqa: E402
 
 MODELS = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0"]
+EAGER = [f"eager:{m}" for m in MODELS]  # the same models unfused, as trained (fusion gain)
 PEERS = ["timm:mobilevit_xs@256", "timm:mobilevit_s@256", "timm:efficientnet_b0", "timm:coatnet_0_224"]
 GMACS_REF = "coatnet_0_224"  # goal 1: every MOAT variant >= its GMAC/s, same run and precision
 BF16_GOAL = 1.8              # goal 2: bf16 throughput >= 1.8x fp32 at batch 32
@@ -141,6 +142,10 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         f"({meta['memory_format_choice']}). Latency: batch 1, median and p90 of {meta['iters']} runs; "
         f"throughput: batch {meta['batch']}, median of {meta['batch_iters']} runs; all models "
         f"interleaved over {meta['rounds']} rounds in one process after {meta['warmup']} warm-up runs. "
+        f"Our models run as deployed, through `mobilezoo.layers.fuse.fuse_for_inference` (BatchNorm "
+        f"folded into the convolutions, activations fused into them as oneDNN post-ops; same outputs "
+        f"to 1e-6); `(eager)` rows are the same models unfused, as trained; timm peers run as timm "
+        f"builds them. "
         f"MACs: FlopCounterMode / 2 at batch 1. Peak MB: rise of the process RSS high-water mark "
         f"during one batch-{meta['batch']} forward (activations, not weights). "
         f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}"
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else FULL
     waiter = IdleWaiter() if args.wait_idle else None
     t0 = time.time()
-    rows = benchmark(MODELS, PEERS, args.img_size, args.threads, args.precisions, args.batch,
+    rows = benchmark(MODELS + EAGER, PEERS, args.img_size, args.threads, args.precisions, args.batch,
                      channels_last=channels_last, log=log, pause=waiter, **settings)
     meta = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__, timm=timm.__version__,
                 python=platform.python_version(), batch=args.batch, img_size=args.img_size,

@@ -42,7 +42,10 @@ _SPEC_RE = re.compile(r"(?:(?P<src>\w+):)?(?P<name>[\w.\-]+?)(?:@(?P<h>\d+)(?:x(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec: the text, model name, source ("mobilezoo" or "timm"), forced size."""
+    """A parsed model spec: the text, model name, source ("mobilezoo", "eager" or "timm"), forced size.
+
+    "mobilezoo" models run as deployed: `fuse_for_inference` (BN folded, activations fused into the
+    convs); "eager:NAME" runs the same model unfused, as trained."""
 
     spec: str
     name: str
@@ -53,8 +56,8 @@ class ModelSpec:
 def parse_spec(spec: str) -> ModelSpec:
     """Parse "tiny_moat_0", "timm:mobilevit_xs" or "timm:mobilevit_xs@256" (or @HxW); check the name."""
     m = _SPEC_RE.fullmatch(spec.strip())
-    if m is None or (m["src"] or "mobilezoo") not in ("mobilezoo", "timm"):
-        raise ValueError(f"bad model spec {spec!r}: use NAME, timm:NAME, optionally with @SIZE")
+    if m is None or (m["src"] or "mobilezoo") not in ("mobilezoo", "eager", "timm"):
+        raise ValueError(f"bad model spec {spec!r}: use NAME, eager:NAME or timm:NAME, optionally with @SIZE")
     source, name = m["src"] or "mobilezoo", m["name"]
     if source == "timm":
         import timm
@@ -128,7 +131,10 @@ class _Runner:
         self.model = model.to(memory_format=fmt)
         self.x1 = torch.randn(1, 3, *self.size).contiguous(memory_format=fmt)
         self.xb = torch.randn(batch, 3, *self.size).contiguous(memory_format=fmt)
-        self.macs = count_macs(self.model, self.x1)
+        self.macs = count_macs(self.model, self.x1)  # before fusion: FlopCounterMode misses the fused op
+        if spec.source == "mobilezoo":
+            from mobilezoo.layers.fuse import fuse_for_inference
+            self.model = fuse_for_inference(self.model).to(memory_format=fmt)
         self.channels_last = channels_last
         self.lat: dict[str, list[float]] = {}
         self.bat: dict[str, list[float]] = {}
@@ -235,7 +241,7 @@ def _add_ratios(rows: list[dict], peers: list[str]) -> None:
         fp32, bf16 = by_key.get((r["spec"], "fp32")), by_key.get((r["spec"], "bf16"))
         if fp32 and bf16:
             r["bf16_speedup"] = round(bf16["throughput"] / fp32["throughput"], 3)
-        if r["source"] != "mobilezoo":
+        if r["source"] == "timm":
             continue
         for peer in rows:
             if peer["name"] in peers and peer["precision"] == r["precision"]:
@@ -246,7 +252,7 @@ def _add_ratios(rows: list[dict], peers: list[str]) -> None:
 
 
 _COLUMNS = (
-    ("Model", lambda r: f"{r['name']}" + (" (timm)" if r["source"] == "timm" else "")),
+    ("Model", lambda r: f"{r['name']}" + {"timm": " (timm)", "eager": " (eager)"}.get(r["source"], "")),
     ("Prec", lambda r: r["precision"]),
     ("Size", lambda r: "x".join(map(str, r["img_size"])) if isinstance(r["img_size"], list)
      else str(r["img_size"])),

@@ -72,5 +72,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     checkpoint = kwargs.pop("checkpoint", None)
     model = get_entry(name).factory(**kwargs)
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        from . import squeezetime  # official SqueezeTime .pth files (mmaction2 key layout) load as well
+        if name.startswith("squeezetime") and squeezetime.is_official_checkpoint(checkpoint):
+            squeezetime.load_official(model, checkpoint)
+        else:
+            load_weights(model, checkpoint)
     return model

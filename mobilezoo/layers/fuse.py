@@ -1,0 +1,152 @@
+"""Inference-time fusion: BatchNorm folded into the adjacent convolution, activation fused into it.
+
+`fuse_for_inference(model)` returns a copy of an eval-mode model in which
+  * every conv -> BatchNorm2d [-> activation] sequence (`ConvNormAct`) becomes one `FusedConvAct`:
+    the BN folded into the conv's weight and bias, the activation applied as a oneDNN post-op on
+    CPU (one pass over the output instead of three);
+  * a pre-norm BatchNorm2d followed by an unpadded 1x1 conv (MBConv's `pre_norm` + `expand`) is
+    folded into that conv (exact: a per-channel affine map before a 1x1 conv is linear in it).
+The result computes the same function (to float rounding, ~1e-6 relative) and is for inference only.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv import Conv2dSame, tf_same_pad
+
+# Activation module -> (oneDNN post-op name, scalars, algorithm) for mkldnn._convolution_pointwise.
+_POST_OPS = {
+    nn.ReLU: lambda m: ("relu", [], ""),
+    nn.ReLU6: lambda m: ("hardtanh", [0.0, 6.0], ""),
+    nn.SiLU: lambda m: ("swish", [], ""),
+    nn.Hardswish: lambda m: ("hardswish", [], ""),
+    nn.Sigmoid: lambda m: ("sigmoid", [], ""),
+    nn.GELU: lambda m: ("gelu", [], m.approximate),
+    nn.Identity: lambda m: ("none", [], ""),
+}
+
+
+def _has_pointwise_op() -> bool:
+    return hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+
+
+class FusedConvAct(nn.Module):
+    """conv (BN already folded in) + activation; on CPU a single oneDNN convolution with a post-op."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module):
+        super().__init__()
+        self.conv, self.act = conv, act
+        self.post_op = _POST_OPS[type(act)](act)
+        self._packed: dict = {}  # (dtype, input shape, weight version) -> weight in oneDNN's blocked layout
+
+    def _weight_and_padding(self, x: torch.Tensor):
+        conv = self.conv
+        if not (isinstance(conv, Conv2dSame) and conv.dynamic):
+            return x, conv.weight, list(conv.padding)
+        (k, s), d = (conv.kernel_size[0], conv.stride[0]), conv.dilation[0]
+        ph, pw = tf_same_pad(x.shape[-2], k, s, d), tf_same_pad(x.shape[-1], k, s, d)
+        if d == 1 and all(after - before in (0, 1) for before, after in (ph, pw)):  # Conv2dSame's trick
+            return x, F.pad(conv.weight, (pw[1] - pw[0], 0, ph[1] - ph[0], 0)), [ph[1], pw[1]]
+        return F.pad(x, (pw[0], pw[1], ph[0], ph[1])), conv.weight, [0, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or not _has_pointwise_op():
+            return self.act(self.conv(x))
+        x, w, padding = self._weight_and_padding(x)
+        b = self.conv.bias
+        if torch.is_autocast_enabled("cpu"):  # the oneDNN op has no autocast rule: cast as conv2d would
+            dtype = torch.get_autocast_dtype("cpu")
+            x, b = x.to(dtype), None if b is None else b.to(dtype)
+        stride, dilation, groups = list(self.conv.stride), list(self.conv.dilation), self.conv.groups
+        key = (x.dtype, tuple(x.shape), self.conv.weight._version)
+        if key not in self._packed:  # reordering the weight on every call costs up to 1/3 of the conv
+            if len(self._packed) >= 4:
+                self._packed.clear()
+            self._packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.to(x.dtype).to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
+        name, scalars, algorithm = self.post_op
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed[key], b, padding, stride, dilation, groups, name, scalars, algorithm)
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.running_var.add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _with_bias(conv: nn.Conv2d) -> nn.Conv2d:
+    if conv.bias is None:
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
+                                             device=conv.weight.device))
+    return conv
+
+
+@torch.no_grad()
+def fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv then bn -> one conv (modified in place and returned)."""
+    scale, shift = _bn_scale_shift(bn)
+    conv = _with_bias(conv)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias.mul_(scale).add_(shift)
+    return conv
+
+
+@torch.no_grad()
+def fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """bn then an unpadded, ungrouped 1x1 conv -> one conv (modified in place and returned)."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or any(conv.padding):
+        raise ValueError("only a 1x1 ungrouped conv without padding can absorb a preceding BatchNorm")
+    scale, shift = _bn_scale_shift(bn)
+    conv = _with_bias(conv)
+    conv.bias.add_(conv.weight[:, :, 0, 0] @ shift)
+    conv.weight.mul_(scale.view(1, -1, 1, 1))
+    return conv
+
+
+def _fuse_sequence(seq: nn.Sequential) -> list[nn.Module]:
+    """The modules of `seq` with every conv -> BatchNorm2d [-> activation] run made one FusedConvAct."""
+    mods, out, i = list(seq), [], 0
+    while i < len(mods):
+        conv, bn = mods[i], mods[i + 1] if i + 1 < len(mods) else None
+        if not (type(conv) in (nn.Conv2d, Conv2dSame) and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats):
+            out.append(conv)
+            i += 1
+            continue
+        act = mods[i + 2] if i + 2 < len(mods) and type(mods[i + 2]) in _POST_OPS else None
+        out.append(FusedConvAct(fold_bn_after(conv, bn), act or nn.Identity()))
+        i += 3 if act is not None else 2
+    return out
+
+
+def _fuse_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward:
+            mods = _fuse_sequence(child)
+            if len(mods) < len(child):
+                setattr(module, name, mods[0] if len(mods) == 1 else nn.Sequential(*mods))
+                child = getattr(module, name)
+        _fuse_children(child)
+    # Pre-norm block (MBConv): BN -> FusedConvAct(1x1) absorbs the BN.
+    pre, expand = getattr(module, "pre_norm", None), getattr(module, "expand", None)
+    if isinstance(pre, nn.BatchNorm2d) and isinstance(expand, FusedConvAct):
+        conv = expand.conv
+        if conv.kernel_size == (1, 1) and conv.groups == 1 and not any(conv.padding):
+            fold_bn_before(pre, conv)
+            module.pre_norm = nn.Identity()
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with BatchNorms folded and activations fused (inference only)."""
+    model = copy.deepcopy(model).eval()
+    _fuse_children(model)
+    return model
