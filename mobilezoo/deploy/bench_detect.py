@@ -1,7 +1,8 @@
 """End-to-end detector latency at batch 1 (preprocess + network + postprocess), ours vs torchvision.
 
 Each detector gets the same uint8 camera-sized image (3 x 480 x 640). Ours: bilinear resize to
-320 x 320 (the TF fixed_shape_resizer), scale to [-1, 1], network, sigmoid + per-class NMS.
+320 x 320 (the TF fixed_shape_resizer), scale to [-1, 1], network (through `fuse_for_inference`:
+BN folded, activations fused into the convs), sigmoid + per-class NMS.
 torchvision's `ssdlite320_mobilenet_v3_large` runs its own transform (resize + normalise) and
 postprocess. All run interleaved in one process so noise hits them alike."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..layers.fuse import fuse_for_inference
 from ..models import create_model, get_entry
 from .profile import count_macs, count_params
 
@@ -20,11 +22,12 @@ TORCHVISION = {"tv:ssdlite320_mobilenet_v3_large"}
 
 
 class _Ours(torch.nn.Module):
-    """Resize + [-1, 1] scaling in front of one of our detectors."""
+    """Resize + [-1, 1] scaling in front of one of our detectors (BN folded, activations fused)."""
 
     def __init__(self, name: str, size: int):
         super().__init__()
-        self.net, self.size = create_model(name, num_classes=90).eval(), size
+        self.eager, self.size = create_model(name, num_classes=90).eval(), size
+        self.net = fuse_for_inference(self.eager)
 
     def forward(self, image: torch.Tensor):
         x = F.interpolate(image[None].float(), size=(self.size, self.size), mode="bilinear",
@@ -42,7 +45,7 @@ def _build(spec: str, size: int):
     if get_entry(spec).task != "detect":
         raise ValueError(f"{spec}: not a detector (see `mobilezoo list --task detect`)")
     ours = _Ours(spec, size)
-    return ours, ours.net, ours.net.head_outputs
+    return ours, ours.eager, ours.eager.head_outputs  # MACs of the unfused net: FlopCounterMode misses fused ops
 
 
 def detector_benchmark(models: list[str], peers: list[str], size: int = 320, threads: int = 2,

@@ -1,6 +1,8 @@
 """Parameter counts, MACs and output shapes, computed on the meta device (no memory, no time)."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -34,6 +36,18 @@ def count_macs(model, inputs: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+def matmul_peak_gflops(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 8) -> float:
+    """This machine's measured matrix-multiply rate (GFLOP/s, best of `reps` n x n x n products)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def _shapes(out) -> dict:
     if isinstance(out, torch.Tensor):
         return {"output": list(out.shape)}
@@ -48,7 +62,7 @@ def model_info(name: str, img_size: list[int] | int | None = None, batch: int = 
     c, *hw = entry.input_size
     if img_size:
         sizes = [img_size] if isinstance(img_size, int) else list(img_size)
-        hw = sizes * 2 if len(sizes) == 1 else sizes
+        hw = [*hw[:-2], *(sizes * 2 if len(sizes) == 1 else sizes)]  # video/3D: frames/depth kept
     with torch.device("meta"):
         model = create_model(name, **kwargs).eval()
         x = torch.empty(batch, c, *hw)

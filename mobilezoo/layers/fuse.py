@@ -112,34 +112,34 @@ def fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
-def _fuse_sequence(seq: nn.Sequential) -> list[nn.Module]:
-    """The modules of `seq` with every conv -> BatchNorm2d [-> activation] run made one FusedConvAct."""
-    mods, out, i = list(seq), [], 0
-    while i < len(mods):
-        conv, bn = mods[i], mods[i + 1] if i + 1 < len(mods) else None
-        if not (type(conv) in (nn.Conv2d, Conv2dSame) and isinstance(bn, nn.BatchNorm2d)
-                and bn.track_running_stats):
-            out.append(conv)
+def _fuse_sequence(seq: nn.Sequential) -> None:
+    """Make each conv -> BatchNorm2d [-> activation] run in `seq` one FusedConvAct, in place.
+
+    The BN and activation slots become Identity, so code that indexes or slices the Sequential
+    (e.g. `glo_conv[:3]`) still finds the same layers at the same positions."""
+    i = 0
+    while i + 1 < len(seq):
+        conv, bn = seq[i], seq[i + 1]
+        if not (type(conv) in (nn.Conv2d, Conv2dSame) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
             i += 1
             continue
-        act = mods[i + 2] if i + 2 < len(mods) and type(mods[i + 2]) in _POST_OPS else None
-        out.append(FusedConvAct(fold_bn_after(conv, bn), act or nn.Identity()))
-        i += 3 if act is not None else 2
-    return out
+        has_act = i + 2 < len(seq) and type(seq[i + 2]) in _POST_OPS
+        seq[i] = FusedConvAct(fold_bn_after(conv, bn), seq[i + 2] if has_act else nn.Identity())
+        for j in range(i + 1, i + 2 + has_act):
+            seq[j] = nn.Identity()
+        i += 2 + has_act
 
 
 def _fuse_children(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward:
-            mods = _fuse_sequence(child)
-            if len(mods) < len(child):
-                setattr(module, name, mods[0] if len(mods) == 1 else nn.Sequential(*mods))
-                child = getattr(module, name)
+    if isinstance(module, nn.Sequential):
+        _fuse_sequence(module)
+    for child in module.children():
         _fuse_children(child)
-    # Pre-norm block (MBConv): BN -> FusedConvAct(1x1) absorbs the BN.
+    # Pre-norm block (MBConv): BN -> 1x1 FusedConvAct absorbs the BN.
     pre, expand = getattr(module, "pre_norm", None), getattr(module, "expand", None)
-    if isinstance(pre, nn.BatchNorm2d) and isinstance(expand, FusedConvAct):
-        conv = expand.conv
+    first = expand[0] if isinstance(expand, nn.Sequential) else expand
+    if isinstance(pre, nn.BatchNorm2d) and isinstance(first, FusedConvAct):
+        conv = first.conv
         if conv.kernel_size == (1, 1) and conv.groups == 1 and not any(conv.padding):
             fold_bn_before(pre, conv)
             module.pre_norm = nn.Identity()

@@ -55,8 +55,8 @@ def test_fused_conv_act_matches_conv_bn_act(act, kernel, stride, groups, size):
     x = torch.randn(2, 12, size, size) * 3  # wide range so ReLU6 clips and GELU's tails matter
     with torch.no_grad():
         ref = block(x)
-        fused = fuse_for_inference(nn.Sequential(block))[0]
-        assert isinstance(fused, FusedConvAct)
+        fused = fuse_for_inference(block)
+        assert isinstance(fused[0], FusedConvAct) and len(fused) == len(block)  # same slots: indexing still works
         torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(fused(x.contiguous(memory_format=torch.channels_last)), ref,
                                    rtol=1e-4, atol=1e-4)
