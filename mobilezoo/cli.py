@@ -1,4 +1,4 @@
-"""The `mobilezoo` command: list, info, train, eval, predict, bench, demo."""
+"""The `mobilezoo` command: list, info, train, eval, predict, bench, convert, demo."""
 from __future__ import annotations
 
 import argparse
@@ -133,10 +133,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .models import create_model, save_weights
+    from .models.squeezetime import load_official
+    if not args.out.endswith(".safetensors"):
+        raise UserError(f"--out {args.out!r}: expected a .safetensors path")
+    model = create_model(args.model, num_classes=args.num_classes)
+    load_official(model, args.checkpoint)
+    save_weights(model, args.out)
+    print(f"{args.checkpoint} -> {args.out} ({args.model}, {sum(p.numel() for p in model.parameters()):,} params)")
+    return 0
+
+
 def cmd_bench(args) -> int:
-    from .deploy import bench_detect
+    from .deploy import bench_detect, bench_video
     from .deploy.bench import benchmark, format_markdown
     from .models import list_models
+    videos = set(list_models("video")) | set(bench_video.TORCHVISION)
+    if all(m.split(":")[-1] in videos or m in videos for m in args.models + args.vs):
+        rows = bench_video.video_benchmark(args.models, args.vs, bench_video.parse_clip(args.clip),
+                                           args.threads, precisions=args.precision,
+                                           log=lambda m: print(m, file=sys.stderr))
+        print(bench_video.format_markdown(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     detectors = set(list_models("detect")) | bench_detect.TORCHVISION
     if all(m in detectors for m in args.models + args.vs):  # end-to-end detector latency
         rows = bench_detect.detector_benchmark(args.models, args.vs, args.img_size or 320,
@@ -214,8 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
     s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs in all (spread over the rounds)")
+    s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("convert", help="official SqueezeTime checkpoint (.pth, mmaction2 keys) -> safetensors")
+    s.add_argument("checkpoint", help="official .pth (a dict with state_dict: backbone.* + cls_head.fc_cls.*)")
+    s.add_argument("--model", default="squeezetime")
+    s.add_argument("--num-classes", type=int, default=400, help="classes of the checkpoint's head (K400: 400)")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("demo", help="train, evaluate and predict on the embedded data")
     s.add_argument("--out", default="runs/demo")

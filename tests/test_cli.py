@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mobilezoo.cli import main
 
-SUBCOMMANDS = ["list", "info", "train", "eval", "predict", "bench", "demo"]
+SUBCOMMANDS = ["list", "info", "train", "eval", "predict", "bench", "convert", "demo"]
 CLASSIFY = ["moat_0", "moat_1", "moat_2", "moat_3", "moat_4",
             "tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3"]
 CLASSES = ["cat", "dog", "eel"]
@@ -369,3 +369,38 @@ def test_train_skips_and_counts_corrupt_image(corrupt_root, capsys, tmp_path):
     assert all(r["val_count"] == 12 for r in records)
     assert "skipped 1" in out
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["skip_bad_samples"] is True
+
+
+# --- convert (official SqueezeTime checkpoints) ---------------------------------------------------
+
+def _official_layout(model) -> dict:
+    """Our state dict renamed to the official mmaction2 layout: backbone.* + cls_head.fc_cls.*."""
+    return {("cls_head.fc_cls." + k[len("head."):]) if k.startswith("head.") else "backbone." + k: v.clone()
+            for k, v in model.state_dict().items()}
+
+
+def test_convert_official_checkpoint_to_safetensors(capsys, tmp_path):
+    from mobilezoo.models import create_model
+    torch.manual_seed(0)
+    src = create_model("squeezetime_mini", num_classes=5)
+    torch.save({"meta": {"epoch": 3}, "state_dict": _official_layout(src)}, tmp_path / "official.pth")
+    rc, out, err = cli(capsys, "convert", tmp_path / "official.pth", "--model", "squeezetime_mini",
+                       "--num-classes", 5, "--out", tmp_path / "sqt.safetensors")
+    assert rc == 0, err
+    converted = load_file(str(tmp_path / "sqt.safetensors"))
+    assert converted.keys() == src.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in src.state_dict().items())
+
+
+def test_convert_names_every_missing_and_unexpected_key(capsys, tmp_path):
+    from mobilezoo.models import create_model
+    state = _official_layout(create_model("squeezetime_mini", num_classes=5))
+    del state["backbone.conv1.weight"], state["cls_head.fc_cls.bias"]
+    state["backbone.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "official.pth")
+    rc, _, err = cli(capsys, "convert", tmp_path / "official.pth", "--model", "squeezetime_mini",
+                     "--num-classes", 5, "--out", tmp_path / "sqt.safetensors")
+    line = error_line(err, "convert")
+    assert rc == 2 and not (tmp_path / "sqt.safetensors").exists()
+    for key in ("conv1.weight", "head.bias", "backbone.extra.weight"):
+        assert key in line
