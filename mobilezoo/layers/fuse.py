@@ -56,6 +56,8 @@ class FusedConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled() or not _has_pointwise_op():
             return self.act(self.conv(x))
+        # oneDNN's fast kernels are NHWC; the output keeps the input's layout, so set it once here.
+        x = x.contiguous(memory_format=torch.channels_last)
         x, w, padding = self._weight_and_padding(x)
         b = self.conv.bias
         if torch.is_autocast_enabled("cpu"):  # the oneDNN op has no autocast rule: cast as conv2d would
@@ -130,11 +132,27 @@ def _fuse_sequence(seq: nn.Sequential) -> None:
         i += 2 + has_act
 
 
+def _fuse_named(module: nn.Module) -> None:
+    """Fuse the (conv, bn, act-or-None) attribute triples a module lists in `fusable` (ResNet-style code)."""
+    for conv_name, bn_name, act_name in getattr(module, "fusable", ()):
+        conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+        act = getattr(module, act_name) if act_name else nn.Identity()
+        if isinstance(bn, nn.BatchNorm2d) and type(conv) in (nn.Conv2d, Conv2dSame):
+            setattr(module, conv_name, FusedConvAct(fold_bn_after(conv, bn), act))
+            setattr(module, bn_name, nn.Identity())
+            if act_name:
+                setattr(module, act_name, nn.Identity())
+
+
 def _fuse_children(module: nn.Module) -> None:
     if isinstance(module, nn.Sequential):
         _fuse_sequence(module)
-    for child in module.children():
-        _fuse_children(child)
+    _fuse_named(module)
+    for name, child in module.named_children():
+        if type(child) in (nn.Conv2d, Conv2dSame):  # a lone conv still gains prepacked weights
+            setattr(module, name, FusedConvAct(child, nn.Identity()))
+        elif not isinstance(child, FusedConvAct):
+            _fuse_children(child)
     # Pre-norm block (MBConv): BN -> 1x1 FusedConvAct absorbs the BN.
     pre, expand = getattr(module, "pre_norm", None), getattr(module, "expand", None)
     first = expand[0] if isinstance(expand, nn.Sequential) else expand

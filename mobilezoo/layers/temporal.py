@@ -80,6 +80,7 @@ class CTLBottleneck(nn.Module):
     """ResNet bottleneck whose 3x3 conv is a CTL; strided blocks downsample their input depthwise first."""
 
     expansion = 4
+    fusable = (("conv1", "bn1", "relu1"), ("conv3", "bn3", None))  # for layers.fuse.fuse_for_inference
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, pos_dim: int = 7, hidden: int = IOI_HIDDEN):
         super().__init__()
@@ -94,15 +95,17 @@ class CTLBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
+        # One ReLU module per use (no state, so the official keys are unchanged) so that fusion can
+        # absorb relu1 into conv1 without touching the others.
+        self.relu1, self.relu2, self.relu = nn.ReLU(inplace=True), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
         self.shortcut_conv = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
                               if in_ch != out_ch else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out = out + (x if self.shortcut_conv is None else self.shortcut_conv(x))
         return self.relu(out)

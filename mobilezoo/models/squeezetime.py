@@ -58,6 +58,7 @@ class SqueezeTime(nn.Module):
             raise ValueError(f"layers, widths and pos_dims need 4 entries each, got {layers}, {widths}, {pos_dims}")
         self.num_frames, self.in_chans, self.num_classes = num_frames, in_chans, num_classes
         self.features_only, self.out_indices = features_only, tuple(out_indices)
+        self.fusable = (("conv1", "bn1", "relu"),)  # the stem, for layers.fuse.fuse_for_inference
         stem = widths[0]
         self.conv1 = nn.Conv2d(in_chans * num_frames, stem, 5, stride=2, padding=2, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)

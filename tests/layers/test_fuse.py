@@ -109,3 +109,18 @@ def test_fused_detector_gives_the_same_detections():
     assert len(out["boxes"]) == len(ref["boxes"])
     torch.testing.assert_close(out["boxes"], ref["boxes"], rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(out["scores"], ref["scores"], rtol=1e-3, atol=1e-4)
+
+
+def test_fused_squeezetime_equals_the_original():
+    """ResNet-style attribute triples (`fusable`) and lone convs are fused; outputs unchanged."""
+    torch.manual_seed(0)
+    model = _randomise_all_bn(create_model("squeezetime_mini", num_classes=8))
+    fused = fuse_for_inference(model)
+    block = fused.layer1[0]
+    assert isinstance(block.conv1, FusedConvAct) and isinstance(block.bn1, nn.Identity)
+    assert isinstance(fused.conv1, FusedConvAct) and isinstance(fused.relu, nn.Identity)
+    assert not any(type(m) is nn.Conv2d for name, m in fused.named_modules() if not name.endswith(".conv"))
+    x = torch.randn(2, 3, 16, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
