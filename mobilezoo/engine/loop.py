@@ -51,7 +51,12 @@ class Context:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device (and to channels-last memory when enabled)."""
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        if not self.channels_last:
+            return model
+        for t in (*model.parameters(), *model.buffers()):  # per tensor: 3-D models keep their 5-D weights
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+        return model
 
     def batch(self, batch):
         """Move a batch to the device; 4-D float tensors become channels-last when enabled."""
