@@ -404,3 +404,13 @@ def test_convert_names_every_missing_and_unexpected_key(capsys, tmp_path):
     assert rc == 2 and not (tmp_path / "sqt.safetensors").exists()
     for key in ("conv1.weight", "head.bias", "backbone.extra.weight"):
         assert key in line
+
+
+def test_info_video_and_3d_models_keep_frames_and_depth(capsys):
+    rc, out, _ = cli(capsys, "info", "squeezetime_mini", "--img-size", 32, "--num-classes", 8, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["input_size"] == [3, 16, 32, 32] and info["output_shapes"]["output"] == [1, 8]
+    rc, out, _ = cli(capsys, "info", "revunet3d", "--img-size", 32, "--json")
+    info = json.loads(out)
+    assert info["input_size"] == [4, 32, 32, 32] and info["output_shapes"]["output"] == [1, 3, 32, 32, 32]
+    assert info["params"] == 800_995

@@ -62,7 +62,8 @@ def model_info(name: str, img_size: list[int] | int | None = None, batch: int = 
     c, *hw = entry.input_size
     if img_size:
         sizes = [img_size] if isinstance(img_size, int) else list(img_size)
-        hw = [*hw[:-2], *(sizes * 2 if len(sizes) == 1 else sizes)]  # video/3D: frames/depth kept
+        nd = 3 if entry.task == "segment3d" else 2  # spatial dims; video keeps its frame count
+        hw = [*hw[:-nd], *(sizes * nd if len(sizes) == 1 else sizes)]
     with torch.device("meta"):
         model = create_model(name, **kwargs).eval()
         x = torch.empty(batch, c, *hw)

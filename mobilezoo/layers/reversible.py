@@ -191,7 +191,7 @@ class ReversibleSequence(nn.Module):
         if len(self.blocks) == 0:
             return x
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: no autocast (MAC counting)
             with torch.autocast(device_type, enabled=False):
                 return self._run(x.float() if x.dtype in _LOW_PRECISION else x)
         return self._run(x)
