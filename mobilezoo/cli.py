@@ -58,8 +58,10 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from .deploy.profile import model_info
-    info = model_info(args.name, args.img_size, num_classes=args.num_classes,
-                      **dict(_parse_kv(kv) for kv in args.arg))
+    kwargs = dict(_parse_kv(kv) for kv in args.arg)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    info = model_info(args.name, args.img_size, **kwargs)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -116,6 +118,10 @@ def cmd_predict(args) -> int:
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
     device = resolve_device(recipe.train.device)
     model = model.to(device)
+    if task.name == "segment3d":  # <case>_seg.nii.gz + <case>_overlay.png per case; JSON list on stdout
+        out = Path(args.out or Path(args.run) / "predictions")
+        print(json.dumps(task.predict(model, args.inputs, out_dir=out, device=device), indent=2))
+        return 0
     if task.name == "detect":  # COCO-results JSON + one PNG per image with the boxes drawn
         out = Path(args.out or Path(args.run) / "predictions")
         preds = task.predict(model, args.inputs, out_dir=out, device=device, score_thresh=args.score_thresh)
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="parameters, MACs and output shapes of a model")
     s.add_argument("name")
     s.add_argument("--img-size", type=int, nargs="+", metavar="N", help="input side, or H W")
-    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--num-classes", type=int, help="classes (default: the model's own, e.g. 1000 / 3 regions)")
     s.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor option, e.g. rel_pos=false")
     s.add_argument("--json", action="store_true", help="print JSON")

@@ -5,7 +5,7 @@ import importlib
 import os
 from pathlib import Path
 
-EMBEDDED = ("digits", "shapes")  # each is a module here with an `ensure()` that writes the files
+EMBEDDED = ("digits", "shapes", "brats-phantom")  # modules here (name with _ for -) with an `ensure()`
 
 
 def cache_dir() -> Path:
@@ -16,5 +16,5 @@ def cache_dir() -> Path:
 def resolve(name_or_path: str) -> Path:
     """An embedded dataset name (generated on first use) or an existing folder."""
     if name_or_path in EMBEDDED:
-        return importlib.import_module(f".{name_or_path}", __name__).ensure()
+        return importlib.import_module(f".{name_or_path.replace('-', '_')}", __name__).ensure()
     return Path(name_or_path)

@@ -21,7 +21,7 @@ Options (keyword arguments of `create_model("revunet3d", ...)`):
                     statistics, fine at batch 1-2). Every C/2 and t*C/2 must divide by 8 for "group".
     act             "silu" (default), "relu", "relu6", "gelu" or "leaky_relu".
     se              squeeze-excite ratio of the MBConv input width, default 0 (off); 0.25 = EfficientNet.
-    in_channels     input modalities, default 4 (T1, T1ce, T2, FLAIR in the data loader's order).
+    in_channels     input modalities, default 4 (FLAIR, T1, T1ce, T2: the data loader's order).
     out_channels    output channels, default 3.
     reversible      True: recompute coupling activations in backward; False: plain autograd, same
                     parameters and outputs. `unet3d_mbconv` is this network with reversible=False.

@@ -6,8 +6,10 @@ from ..recipes import Recipe
 from .base import Task
 from .classification import ClassificationTask
 from .detection import DetectionTask
+from .segmentation3d import Segmentation3DTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask}
+TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask,
+                                "segment3d": Segmentation3DTask}
 
 
 def build_task(recipe: Recipe) -> Task:
