@@ -29,6 +29,21 @@ def curves_png(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def gallery_png(items: list, names: list[str], path: Path, per_row: int = 8) -> None:
+    """Images (C x H x W, any value range) titled "predicted / true", wrong ones in red."""
+    rows = -(-len(items) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.3 * per_row, 1.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, pred, true) in zip(axes.flat, items):
+        lo, hi = image.min(), image.max()
+        ax.imshow(((image - lo) / (hi - lo + 1e-8)).permute(1, 2, 0).numpy())
+        ax.set_title(f"{names[pred]} / {names[true]}", fontsize=8, color="black" if pred == true else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def confusion_png(confusion: list[list[int]], names: list[str], path: Path) -> None:
     """Confusion matrix (rows: true class, columns: predicted) with counts."""
     k = len(names)

@@ -17,6 +17,8 @@ from ..errors import BadSampleError, DataError
 from ..models import create_model
 from .base import Task, expand_images, read_image  # noqa: F401 (re-exported)
 
+GALLERY = 16  # val images drawn with their predictions in the report
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # MOAT input normalisation option 1
 DEFAULT_AUGMENT = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": True,
                    "affine_degrees": 0.0, "affine_translate": 0.0, "crop_pct": 0.875}
@@ -156,20 +158,31 @@ class ClassificationTask(Task):
                                label_smoothing=self.recipe.optim.label_smoothing)
 
     def metric(self):
+        self._gallery: list[tuple[torch.Tensor, int, int]] = []  # (image, predicted, true) for the report
         return ClassificationMetric(self.num_classes)
 
     def eval_step(self, model, batch, metric):
-        metric.update(model(batch["image"]), batch["label"])
+        logits = model(batch["image"])
+        metric.update(logits, batch["label"])
+        for image, pred, label in zip(batch["image"], logits.argmax(1).tolist(), batch["label"].tolist()):
+            if len(self._gallery) >= GALLERY:
+                break
+            self._gallery.append((image.float().cpu(), pred, label))
 
     def summary(self, m: dict) -> str:
         return f"top-1 {100 * m['top1']:.2f}%, top-5 {100 * m['top5']:.2f}% on {m['count']} images"
 
     def report(self, run_dir: Path, metrics: dict, history: list[dict]) -> list[str]:
-        from ..engine.report import confusion_png
+        from ..engine.report import confusion_png, gallery_png
         names = self.recipe.data.class_names
         confusion_png(metrics["confusion"], names, run_dir / "confusion.png")
         rows = "\n".join(f"| {n} | {100 * a:.1f}% |" for n, a in zip(names, metrics["per_class_acc"]))
-        return [f"**val top-1 {100 * metrics['top1']:.2f}%**, top-5 {100 * metrics['top5']:.2f}% "
+        gallery = []
+        if getattr(self, "_gallery", None):
+            gallery_png(self._gallery, names, run_dir / "predictions.png")
+            gallery = ["Predictions on the first val images (predicted / true; red: wrong):", "",
+                       "![predictions](predictions.png)", ""]
+        return [*gallery, f"**val top-1 {100 * metrics['top1']:.2f}%**, top-5 {100 * metrics['top5']:.2f}% "
                 f"on {metrics['count']} images", "", "![confusion matrix](confusion.png)", "",
                 "| class | accuracy |", "|---|---|", rows]
 
