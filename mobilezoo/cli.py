@@ -1,4 +1,4 @@
-"""The `mobilezoo` command: list, info, train, eval, predict, bench, convert, demo."""
+"""The `mobilezoo` command: list, info, train, eval, predict, bench, convert, search, demo."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,7 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--ema", type=float, metavar="DECAY", help="EMA of weights (0 = off)")
         p.add_argument("--out", help="run directory to write")
+        p.add_argument("--arch", help="detection: a MobileDet architecture JSON (e.g. from `mobilezoo search`)")
 
 
 def _overrides(args) -> list[str]:
@@ -43,7 +44,24 @@ def _overrides(args) -> list[str]:
            if getattr(args, flag, None) is not None]
     if getattr(args, "skip_bad_samples", False):
         out.append("data.skip_bad_samples=true")
+    if getattr(args, "arch", None):
+        _check_arch(args.arch)
+        out += ['model.name="ssdlite_mobiledet"', f"model.args.arch={json.dumps(str(args.arch))}"]
     return out + args.set
+
+
+def _check_arch(path: str) -> None:
+    """Validate an architecture file field by field (errors name the layer and the field)."""
+    from .nas import validate_arch
+    validate_arch(path)
+
+
+def _arch_model(name: str) -> tuple[str, dict]:
+    """A model name, or an architecture .json file standing for `ssdlite_mobiledet` built from it."""
+    if name.endswith(".json"):
+        _check_arch(name)
+        return "ssdlite_mobiledet", {"arch": name}
+    return name, {}
 
 
 def cmd_list(args) -> int:
@@ -58,10 +76,11 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     from .deploy.profile import model_info
-    kwargs = dict(_parse_kv(kv) for kv in args.arg)
+    name, kwargs = _arch_model(args.name)
+    kwargs.update(_parse_kv(kv) for kv in args.arg)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    info = model_info(args.name, args.img_size, **kwargs)
+    info = model_info(name, args.img_size, **kwargs)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -165,7 +184,10 @@ def cmd_bench(args) -> int:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     detectors = set(list_models("detect")) | bench_detect.TORCHVISION
-    if all(m in detectors for m in args.models + args.vs):  # end-to-end detector latency
+    for m in args.models:
+        if m.endswith(".json"):
+            _check_arch(m)
+    if all(m in detectors or m.endswith(".json") for m in args.models + args.vs):  # end-to-end detector latency
         rows = bench_detect.detector_benchmark(args.models, args.vs, args.img_size or 320,
                                                args.threads, log=lambda m: print(m, file=sys.stderr))
         print(bench_detect.format_markdown(rows))
@@ -182,9 +204,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .nas import fit_latency_model, run_search
+    if args.action == "latency-model":
+        report = fit_latency_model(runtime=args.runtime, threads=args.threads, samples=args.samples,
+                                   out_path=args.out or "latency_model.json", space=args.space)
+        print(f"latency model {report['model_path']}: held-out r^2 {report['r2']:.3f}, MAE {report['mae_ms']:.2f} ms "
+              f"({report['mae_pct']:.1f}% of the mean {report['mean_ms']:.1f} ms); plot {report['plot_path']}")
+        return 0
+    if args.target_ms is None or args.latency_model is None:
+        raise UserError("search needs --target-ms and --latency-model (make one with `mobilezoo search latency-model`)")
+    arch = run_search(data=args.data, target_ms=args.target_ms, steps=args.steps, out_dir=args.out or "runs/search",
+                      resume=args.resume, space=args.space, latency_model=args.latency_model, img_size=args.img_size,
+                      threads=args.threads, stop_after=args.stop_after)
+    print(f"searched architecture: {arch} (train it: mobilezoo train detect_shapes --arch {arch})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, tasks=args.task)
     return 0
 
 
@@ -252,8 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("demo", help="train, evaluate and predict on the embedded data")
+    s = sub.add_parser("search", help="MobileDets architecture search (latency-aware) and its latency model")
+    s.add_argument("action", nargs="?", choices=["run", "latency-model"], default="run",
+                   help="run (default): search; latency-model: measure random architectures and fit the cost model")
+    s.add_argument("--space", default="ibn_fused_tucker",
+                   help="search space: ibn, ibn_fused, ibn_fused_tucker, cpu_ibn_fused_tucker")
+    s.add_argument("--data", default="shapes", help="COCO-format root or embedded name (search)")
+    s.add_argument("--target-ms", type=float, help="latency target in ms (search)")
+    s.add_argument("--latency-model", help="cost model JSON from `search latency-model` (search)")
+    s.add_argument("--steps", type=int, default=1000, help="search steps")
+    s.add_argument("--img-size", type=int, default=320)
+    s.add_argument("--resume", action="store_true", help="continue a search from its last checkpoint")
+    s.add_argument("--stop-after", type=int, metavar="STEPS", help="stop after this many steps (resume later)")
+    s.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch", help="latency-model runtime")
+    s.add_argument("--samples", type=int, default=80, help="latency-model: architectures measured")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--out", help="search: output folder (default runs/search); latency-model: JSON path")
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("demo", help="every task on its embedded data: train, evaluate, predict, export, time")
     s.add_argument("--out", default="runs/demo")
+    s.add_argument("--task", action="append", help="only this task (repeatable): classify, detect, segment3d, video")
     s.add_argument("--quick", action="store_true", help="a few epochs on a subset (seconds)")
     s.set_defaults(fn=cmd_demo)
     return p

@@ -414,3 +414,27 @@ def test_info_video_and_3d_models_keep_frames_and_depth(capsys):
     info = json.loads(out)
     assert info["input_size"] == [4, 32, 32, 32] and info["output_shapes"]["output"] == [1, 3, 32, 32, 32]
     assert info["params"] == 800_995
+
+
+# --- architecture files (detection, search) -------------------------------------------------------
+
+def test_info_and_train_accept_an_architecture_file(capsys, tmp_path):
+    from mobilezoo.models.mobiledet import ARCHS
+    arch = tmp_path / "cpu.json"
+    arch.write_text(json.dumps(ARCHS["cpu"]))
+    rc, out, _ = cli(capsys, "info", arch, "--num-classes", 90, "--json")
+    _, ref, _ = cli(capsys, "info", "ssdlite_mobiledet_cpu", "--num-classes", 90, "--json")
+    assert rc == 0 and json.loads(out)["params"] == json.loads(ref)["params"]
+
+
+def test_a_malformed_architecture_file_names_the_layer_and_field(capsys, tmp_path):
+    from mobilezoo.models.mobiledet import ARCHS
+    layers = json.loads(json.dumps(ARCHS["cpu"]))
+    layers[4]["kernel"] = "3"
+    arch = tmp_path / "bad.json"
+    arch.write_text(json.dumps(layers))
+    for argv in (["info", arch], ["train", "detect_shapes", "--arch", arch, "--out", tmp_path / "run"]):
+        rc, _, err = cli(capsys, *argv)
+        line = error_line(err, argv[0])
+        assert rc == 2 and "layer 4" in line and "kernel" in line
+    assert not (tmp_path / "run").exists()

@@ -26,7 +26,9 @@ class _Ours(torch.nn.Module):
 
     def __init__(self, name: str, size: int):
         super().__init__()
-        self.eager, self.size = create_model(name, num_classes=90).eval(), size
+        arch = {"arch": name} if name.endswith(".json") else {}  # an architecture file (e.g. searched)
+        self.eager = create_model("ssdlite_mobiledet" if arch else name, num_classes=90, **arch).eval()
+        self.size = size
         self.net = fuse_for_inference(self.eager)
 
     def forward(self, image: torch.Tensor):
@@ -42,7 +44,7 @@ def _build(spec: str, size: int):
         def net(x):  # backbone + extra layers + heads, as `head_outputs` is for ours
             return model.head(list(model.backbone(x).values()))
         return (lambda img: model([img.float() / 255])), model, net
-    if get_entry(spec).task != "detect":
+    if not spec.endswith(".json") and get_entry(spec).task != "detect":
         raise ValueError(f"{spec}: not a detector (see `mobilezoo list --task detect`)")
     ours = _Ours(spec, size)
     return ours, ours.eager, ours.eager.head_outputs  # MACs of the unfused net: FlopCounterMode misses fused ops

@@ -1,0 +1,54 @@
+"""Controller: REINFORCE with an EMA baseline converges to the best choice on a toy reward."""
+import pytest
+import torch
+
+from mobilezoo.errors import UserError
+from mobilezoo.nas.controller import Controller, abs_reward
+
+
+def test_converges_to_the_best_choice_on_a_toy_reward():
+    best = [2, 0, 4]
+    ctl = Controller([3, 2, 5], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        c = ctl.sample(gen)
+        reward = sum(float(a == b) for a, b in zip(c, best)) + 0.1 * torch.randn((), generator=gen).item()
+        ctl.update(c, reward)
+    assert ctl.argmax() == best
+    assert all(p[b] > 0.9 for p, b in zip(ctl.probs(), best))
+
+
+def test_latency_reward_finds_the_option_nearest_the_target():
+    # One decision: option latencies 10, 20, 30 ms with equal quality; target 20 ms.
+    ctl = Controller([3], lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        c = ctl.sample(gen)
+        ctl.update(c, abs_reward(1.0, [10.0, 20.0, 30.0][c[0]], 20.0, tau=-1.0))
+    assert ctl.argmax() == [1]
+
+
+def test_adam_settings_baseline_and_state_round_trip():
+    ctl = Controller([2, 3])
+    g = ctl.optimizer.param_groups[0]
+    assert g["betas"] == (0.0, 0.999) and g["eps"] == 1e-8 and g["lr"] == 5e-3
+    assert ctl.update([0, 1], 2.0) == 0.0  # the baseline starts at the first reward
+    assert ctl.update([0, 1], 3.0) == pytest.approx(1.0)
+    assert float(ctl.baseline) == pytest.approx(0.95 * 2.0 + 0.05 * 3.0)
+    other = Controller([2, 3])
+    other.load_full_state(ctl.full_state())
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        ca, cb = ctl.sample(gen_a), other.sample(gen_b)
+        assert ca == cb
+        ctl.update(ca, 1.0)
+        other.update(cb, 1.0)
+    for a, b in zip(ctl.logits, other.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_reward_formula_and_tau_sign():
+    assert abs_reward(0.5, 30.0, 20.0, -0.2) == pytest.approx(0.5 - 0.2 * 0.5)
+    assert abs_reward(0.5, 10.0, 20.0, -0.2) == pytest.approx(0.5 - 0.2 * 0.5)
+    with pytest.raises(UserError, match="tau must be negative"):
+        abs_reward(0.5, 10.0, 20.0, 0.1)
