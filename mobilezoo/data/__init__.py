@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 EMBEDDED = ("digits", "shapes", "brats-phantom")  # modules here (name with _ for -) with an `ensure()`
 
@@ -18,3 +20,26 @@ def resolve(name_or_path: str) -> Path:
     if name_or_path in EMBEDDED:
         return importlib.import_module(f".{name_or_path.replace('-', '_')}", __name__).ensure()
     return Path(name_or_path)
+
+
+def publish(root: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """`root`, written by `write(tmp)` into a per-process temporary folder and renamed into place,
+    unless `root/.complete` already holds `marker` (a set of another version or size is rewritten).
+
+    The per-process folder lets concurrent first uses (e.g. DDP ranks) each write a copy safely."""
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == marker:
+        return root
+    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    (tmp / ".complete").write_text(marker)
+    if done.is_file() and done.read_text() == marker:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -21,15 +21,13 @@ arbitrary intensity scale. Every case is drawn from its own seed (split, index),
 the same on every machine and a smaller set is a prefix of a larger one."""
 from __future__ import annotations
 
-import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from . import cache_dir
+from . import cache_dir, publish
 
 VERSION = 1  # bump when the generator changes: a cached set of another version is rewritten
 SHAPE = (64, 64, 48)
@@ -181,25 +179,12 @@ def ensure(root: Path | None = None, num_train: int | None = None, num_val: int 
     num_val = NUM_VAL if num_val is None else num_val
     shape = tuple(SHAPE if shape is None else shape)
     marker = f"brats-phantom v{VERSION}, seed {SEED}, {num_train} train, {num_val} val, shape {shape}\n"
-    done = root / ".complete"
-    if done.is_file() and done.read_text() == marker:
-        return root
-    # a per-process temporary folder, so concurrent first uses (e.g. DDP ranks) do not collide
-    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    affine = _affine(shape)
-    for split, count in (("train", num_train), ("val", num_val)):
-        (tmp / split).mkdir(parents=True)
-        for i in range(count):
-            volumes, labels = make_case(i, split, shape)
-            write_case(tmp / split, case_name(i, split), volumes, labels, affine)
-    (tmp / ".complete").write_text(marker)
-    if done.is_file() and done.read_text() == marker:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process renamed its copy in between
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def write(tmp: Path) -> None:
+        affine = _affine(shape)
+        for split, count in (("train", num_train), ("val", num_val)):
+            (tmp / split).mkdir(parents=True)
+            for i in range(count):
+                volumes, labels = make_case(i, split, shape)
+                write_case(tmp / split, case_name(i, split), volumes, labels, affine)
+    return publish(root, marker, write)

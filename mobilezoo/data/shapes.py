@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import cache_dir
+from . import cache_dir, publish
 
 VERSION = 1  # bump when the generator changes: a cached set of another version is rewritten
 SIZE = 320
@@ -227,21 +225,8 @@ def ensure(root: Path | None = None, num_train: int | None = None, num_val: int 
     num_train = NUM_TRAIN if num_train is None else num_train
     num_val = NUM_VAL if num_val is None else num_val
     marker = f"shapes v{VERSION}, seed {SEED}, {num_train} train, {num_val} val\n"
-    done = root / ".complete"
-    if done.is_file() and done.read_text() == marker:
-        return root
-    # a per-process temporary folder, so concurrent first uses (e.g. DDP ranks) do not collide
-    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_split(tmp, "train", num_train)
-    write_split(tmp, "val", num_val)
-    (tmp / ".complete").write_text(marker)
-    if done.is_file() and done.read_text() == marker:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process renamed its copy in between
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def write(tmp: Path) -> None:
+        write_split(tmp, "train", num_train)
+        write_split(tmp, "val", num_val)
+    return publish(root, marker, write)
