@@ -39,6 +39,12 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--arch", help="detection: a MobileDet architecture JSON (e.g. from `mobilezoo search`)")
 
 
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="run the PyTorch model or the run's ONNX export")
+    p.add_argument("--onnx", help="with --runtime onnxruntime: the ONNX file (default RUN/model.onnx)")
+
+
 def _overrides(args) -> list[str]:
     out = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in RECIPE_FLAGS.items()
            if getattr(args, flag, None) is not None]
@@ -116,12 +122,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from .engine import Context, evaluate, load_run, resolve_device
     from .engine.loop import eval_loader
     recipe, task, model = load_run(args.run, _overrides(args))
-    ctx = Context(resolve_device(recipe.train.device), recipe.train.precision,
-                  channels_last=recipe.train.channels_last)
-    metrics = evaluate(ctx.prepare(model), eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
+    onnx = args.runtime == "onnxruntime"
+    ctx = Context(torch.device("cpu") if onnx else resolve_device(recipe.train.device),
+                  "fp32" if onnx else recipe.train.precision, channels_last=recipe.train.channels_last and not onnx)
+    model = _with_runtime(args, ctx.prepare(model))
+    metrics = evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
     out = Path(args.out or args.run)
     out.mkdir(parents=True, exist_ok=True)
     task.report(out, metrics, [])
@@ -131,12 +141,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _with_runtime(args, model):
+    """The torch model, or with `--runtime onnxruntime` an ONNX Runtime session of the run's export."""
+    if args.runtime == "torch":
+        return model
+    from .deploy.ort import OrtModel
+    path = Path(args.onnx or Path(args.run) / "model.onnx")
+    if not path.is_file():
+        raise UserError(f"{path}: no ONNX file; run `mobilezoo export {args.run}` first (or pass --onnx)")
+    return OrtModel(path, threads=args.threads)
+
+
 def cmd_predict(args) -> int:
+    import torch
+
     from .engine import load_run, resolve_device
     from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
-    device = resolve_device(recipe.train.device)
-    model = model.to(device)
+    device = resolve_device(recipe.train.device) if args.runtime == "torch" else torch.device("cpu")
+    model = _with_runtime(args, model.to(device))
     if task.name == "segment3d":  # <case>_seg.nii.gz + <case>_overlay.png per case; JSON list on stdout
         out = Path(args.out or Path(args.run) / "predictions")
         print(json.dumps(task.predict(model, args.inputs, out_dir=out, device=device), indent=2))
@@ -155,6 +178,36 @@ def cmd_predict(args) -> int:
         for p in preds:
             best = p["topk"][0]
             print(f"{p['file']}: {best['label']} ({100 * best['prob']:.1f}%)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .deploy.export import check_onnx, export_onnx
+    from .deploy.quantize import quantize_int8
+    from .engine import load_run
+    src = Path(args.source)
+    if not (src / "config.yaml").is_file():
+        raise UserError(f"{src}: not a run directory (no config.yaml); export needs a trained run, whose "
+                        "data checks the export")
+    recipe, task, model = load_run(src, [f"data.name={json.dumps(args.calib_data)}"] if args.calib_data else [])
+    x = task.example_inputs(args.check_samples)
+    out = Path(args.out or src / "model.onnx")
+    raw = task.name == "detect" and (args.detector_mode == "raw" or args.int8)
+    dynamic = args.dynamic_batch or raw
+    # A fixed-batch graph is exported at batch 1 (ONNX Runtime runs larger batches in chunks);
+    # the parity check then runs on every sample.
+    summary = export_onnx(model, x if dynamic else x[:1], out, task.name, opset=args.opset,
+                          dynamic_batch=dynamic, detector_mode="raw" if raw else "full")
+    parity = check_onnx(model, out, x, task.name) if len(x) > 1 and not dynamic else summary.get("parity")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); parity with PyTorch on {len(x)} samples of "
+          f"{recipe.data.name}: {json.dumps(parity)}")
+    if args.int8:
+        calib = task.example_inputs(args.calib_samples)
+        batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+        q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), batches)
+        print(f"wrote {q} ({q.stat().st_size / out.stat().st_size:.2f}x the fp32 size), calibrated on "
+              f"{len(calib)} training samples of {recipe.data.name}; evaluate it with "
+              f"`mobilezoo eval {src} --runtime onnxruntime --onnx {q}`")
     return 0
 
 
@@ -257,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory (config.yaml + model.safetensors)")
     s.add_argument("--out", help="where to write eval.json and figures (default the run dir)")
     s.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    _add_runtime_flags(s)
     _add_recipe_flags(s, training=False)
     s.set_defaults(fn=cmd_eval)
 
@@ -268,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="classification: JSON file (default: print it); "
                    "detection: folder for predictions.json + PNGs (default RUN/predictions)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    _add_runtime_flags(s)
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s against timm peers")
@@ -283,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("export", help="ONNX export of a trained run, checked against PyTorch; INT8 quantization")
+    s.add_argument("source", help="run directory (config.yaml + model.safetensors)")
+    s.add_argument("--format", choices=["onnx"], default="onnx")
+    s.add_argument("--out", help="ONNX file (default RUN/model.onnx)")
+    s.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    s.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
+    s.add_argument("--detector-mode", choices=["full", "raw"], default="full",
+                   help="detectors: full = decoding + NMS in the graph; raw = heads only, anchors beside")
+    s.add_argument("--check-samples", type=int, default=4, help="real samples the parity check runs on")
+    s.add_argument("--int8", action="store_true", help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx")
+    s.add_argument("--calib-data", help="data root for INT8 calibration (default: the run's own training data)")
+    s.add_argument("--calib-samples", type=int, default=64)
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("convert", help="official SqueezeTime checkpoint (.pth, mmaction2 keys) -> safetensors")
     s.add_argument("checkpoint", help="official .pth (a dict with state_dict: backbone.* + cls_head.fc_cls.*)")

@@ -438,3 +438,30 @@ def test_a_malformed_architecture_file_names_the_layer_and_field(capsys, tmp_pat
         line = error_line(err, argv[0])
         assert rc == 2 and "layer 4" in line and "kernel" in line
     assert not (tmp_path / "run").exists()
+
+
+# --- export + ONNX Runtime ------------------------------------------------------------------------
+
+def test_export_then_eval_and_predict_with_onnxruntime(capsys, trained, data_root, tmp_path):
+    out = tmp_path / "m.onnx"
+    rc, stdout, err = cli(capsys, "export", trained, "--out", out, "--int8", "--calib-samples", 8)
+    assert rc == 0, err
+    parity = json.loads(stdout.splitlines()[0].split("samples of ", 1)[1].split(": ", 1)[1])
+    assert parity["max_abs_diff"] <= 1e-4 and parity["samples"] >= 2  # checked on the run's own images
+    int8 = tmp_path / "m.int8.onnx"
+    assert int8.stat().st_size < 0.5 * out.stat().st_size
+    _, torch_metrics, _ = cli(capsys, "eval", trained, "--json", "--out", tmp_path / "t")
+    rc, ort_metrics, err = cli(capsys, "eval", trained, "--json", "--runtime", "onnxruntime", "--onnx", out,
+                               "--out", tmp_path / "o")
+    assert rc == 0, err
+    assert json.loads(ort_metrics)["top1"] == json.loads(torch_metrics)["top1"]
+    image = next(data_root.rglob("*.png"))
+    _, torch_pred, _ = cli(capsys, "predict", trained, image, "--topk", 1)
+    rc, ort_pred, err = cli(capsys, "predict", trained, image, "--topk", 1, "--runtime", "onnxruntime", "--onnx", out)
+    assert rc == 0, err
+    assert json.loads(ort_pred)[0]["topk"][0]["label"] == json.loads(torch_pred)[0]["topk"][0]["label"]
+
+
+def test_onnxruntime_without_an_export_is_a_one_line_error(capsys, trained, tmp_path):
+    rc, _, err = cli(capsys, "eval", trained, "--runtime", "onnxruntime", "--onnx", tmp_path / "none.onnx")
+    assert rc == 2 and "none.onnx" in error_line(err, "eval") and "export" in error_line(err, "eval")

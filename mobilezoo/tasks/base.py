@@ -51,6 +51,7 @@ class Task:
     """Base class; one subclass per task, registered in `tasks.TASKS` under `name`."""
 
     name = "base"
+    input_key = "image"  # the batch field the model reads (export, calibration, latency)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -66,6 +67,13 @@ class Task:
     def calibration_dataset(self) -> Dataset:
         """Training samples with evaluation transforms (BN recalibration, INT8 calibration)."""
         raise NotImplementedError
+
+    def example_inputs(self, count: int) -> torch.Tensor:
+        """`count` real training samples with evaluation transforms, batched: what export checks
+        and INT8 calibration run on."""
+        ds = self.calibration_dataset()
+        samples = [s for s in (ds[i] for i in range(min(count, len(ds)))) if s is not None]
+        return torch.stack([s[self.input_key] for s in samples]).float()
 
     def build_model(self) -> nn.Module:
         """The model the recipe names, sized for this task's data."""
