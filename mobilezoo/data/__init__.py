@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-EMBEDDED = ("digits", "shapes", "brats-phantom")  # modules here (name with _ for -) with an `ensure()`
+EMBEDDED = ("digits", "shapes", "brats-phantom", "motion")  # modules here (name with _ for -) with an `ensure()`
 
 
 def cache_dir() -> Path:

@@ -7,9 +7,10 @@ from .base import Task
 from .classification import ClassificationTask
 from .detection import DetectionTask
 from .segmentation3d import Segmentation3DTask
+from .video import VideoTask
 
 TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask,
-                                "segment3d": Segmentation3DTask}
+                                "segment3d": Segmentation3DTask, "video": VideoTask}
 
 
 def build_task(recipe: Recipe) -> Task:
