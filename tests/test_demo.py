@@ -4,17 +4,25 @@ import json
 from mobilezoo.cli import main
 
 
-def test_demo_quick_writes_report(tmp_path, monkeypatch):
+def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--task", "classify", "--out", str(out)]) == 0
     run = out / "classify"
-    for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "curves.png", "confusion.png"):
+    for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "curves.png", "confusion.png",
+                 "predictions.png", "model.onnx"):
         assert (run / name).is_file(), name
-    preds = json.loads((run / "predictions.json").read_text())
-    assert len(preds) == 10  # one sample image per digit class
-    assert {p["file"].split("/")[-2] for p in preds} == {str(d) for d in range(10)}
     report = (out / "report.md").read_text()
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert f"{100 * last['val_top1']:.2f}%" in report  # the report quotes the measured accuracy
-    assert "classify/confusion.png" in report
+    assert f"top-1 {100 * last['val_top1']:.2f}%" in report  # the report quotes the measured accuracy
+    assert "classify/confusion.png" in report and "classify/predictions.png" in report  # links fixed up
+    assert "latency.png" in report and (out / "latency.png").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["classify"]["latency_ms"]) >= {"PyTorch fp32 eager", "ONNX Runtime fp32"}
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and 'src="classify/predictions.png"' in html
+
+
+def test_demo_unknown_task_is_a_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--task", "segmentation", "--out", str(tmp_path)]) == 2
+    assert "segment3d" in capsys.readouterr().err  # the valid names are listed
