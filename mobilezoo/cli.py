@@ -227,6 +227,19 @@ def cmd_bench(args) -> int:
     from .deploy import bench_detect, bench_video
     from .deploy.bench import benchmark, format_markdown
     from .models import list_models
+    if args.memory:  # peak training memory, reversible vs plain twin vs SegResNet, fresh process each
+        from .deploy.bench_memory import memory_report
+        try:
+            result, text = memory_report(args.memory, quick=args.quick, threads=args.threads,
+                                         log=lambda m: print(m, file=sys.stderr))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if not args.models:
+        raise UserError("name at least one model (or --memory revunet3d)")
     videos = set(list_models("video")) | set(bench_video.TORCHVISION)
     if all(m.split(":")[-1] in videos or m in videos for m in args.models + args.vs):
         rows = bench_video.video_benchmark(args.models, args.vs, bench_video.parse_clip(args.clip),
@@ -327,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s against timm peers")
-    s.add_argument("models", nargs="+", help="our model names, or timm:NAME[@SIZE] for any timm model; "
+    s.add_argument("models", nargs="*", help="our model names, or timm:NAME[@SIZE] for any timm model; "
                    "detectors are timed end to end against --vs tv:ssdlite320_mobilenet_v3_large")
     s.add_argument("--vs", nargs="*", default=[], metavar="timm:NAME[@SIZE]",
                    help="peers timed in the same run; ratios are reported against them")
@@ -337,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
     s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs in all (spread over the rounds)")
     s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
+    s.add_argument("--memory", metavar="MODEL", help="peak training memory of revunet3d vs its plain twin and "
+                   "SegResNet, and how much larger a reversible net fits (~25 min; --quick ~2 min)")
+    s.add_argument("--quick", action="store_true", help="--memory: reference crop 48^3 instead of 128^3")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
 

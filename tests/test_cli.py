@@ -465,3 +465,8 @@ def test_export_then_eval_and_predict_with_onnxruntime(capsys, trained, data_roo
 def test_onnxruntime_without_an_export_is_a_one_line_error(capsys, trained, tmp_path):
     rc, _, err = cli(capsys, "eval", trained, "--runtime", "onnxruntime", "--onnx", tmp_path / "none.onnx")
     assert rc == 2 and "none.onnx" in error_line(err, "eval") and "export" in error_line(err, "eval")
+
+
+def test_bench_memory_names_the_supported_model(capsys):
+    rc, _, err = cli(capsys, "bench", "--memory", "moat_0")
+    assert rc == 2 and "revunet3d" in error_line(err, "bench")
