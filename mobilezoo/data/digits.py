@@ -4,7 +4,6 @@ The 8x8 scans are upsampled to 32x32, written once to the cache with a fixed str
 train/val split, and then read by the same ImageFolder code path as any user dataset."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,21 +37,3 @@ def ensure(root: Path | None = None) -> Path:
                 folder.mkdir(parents=True, exist_ok=True)
                 img.save(folder / f"digit_{i:04d}.png")
     return publish(root, "sklearn load_digits, 80/20 stratified split, seed 0\n", write)
-
-    digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(idx, test_size=VAL_FRACTION, random_state=SPLIT_SEED,
-                                          stratify=digits.target)
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, ids in (("train", train_idx), ("val", val_idx)):
-        for i in ids:
-            gray = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-            img = Image.fromarray(gray).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB")
-            folder = tmp / split / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"digit_{i:04d}.png")
-    (tmp / ".complete").write_text("sklearn load_digits, 80/20 stratified split, seed 0\n")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    return root

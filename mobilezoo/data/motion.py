@@ -31,13 +31,11 @@ Every clip is drawn from its own seed, so the set is the same on every machine."
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from . import cache_dir
+from . import cache_dir, publish
 
 VERSION = 1  # bump when the generator changes: a cached set of another version is rewritten
 SIZE = 64
@@ -197,23 +195,10 @@ def ensure(root: Path | None = None, num_train: int | None = None, num_val: int 
     num_train = NUM_TRAIN if num_train is None else num_train
     num_val = NUM_VAL if num_val is None else num_val
     marker = f"motion v{VERSION}, seed {SEED}, {num_train} train, {num_val} val\n"
-    done = root / ".complete"
-    if done.is_file() and done.read_text() == marker:
-        return root
-    # a per-process temporary folder, so concurrent first uses (e.g. DDP ranks) do not collide
-    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    write_split(tmp, "train", num_train)
-    write_split(tmp, "val", num_val)
-    (tmp / ".complete").write_text(marker)
-    if done.is_file() and done.read_text() == marker:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process renamed its copy in between
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+        write_split(tmp, "train", num_train)
+        write_split(tmp, "val", num_val)
+    return publish(root, marker, write)
