@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(s, training=False)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("predict", help="predict on image files or folders (labels or boxes)")
+    s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders")
     s.add_argument("run", help="run directory")
     s.add_argument("inputs", nargs="+", help="image files or folders")
     s.add_argument("--topk", type=int, default=5, help="classification: labels per image")

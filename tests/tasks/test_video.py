@@ -175,6 +175,16 @@ def test_container_without_a_frame_count(tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+def test_worker_processes_decode_after_the_parent_did(index_root):
+    # the parent decodes first (as `mobilezoo train` does when it checks the data), then forks workers:
+    # a colour converter inherited through fork must not be used or freed there (it would hang)
+    ds = VideoTask(recipe(index_root, test_clips=1)).val_dataset()
+    first = ds[0]["video"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, timeout=60, collate_fn=collate_skipping)
+    batch = next(iter(loader))
+    assert torch.equal(batch["video"][0], first)
+
+
 def test_bad_videos_name_the_file(tmp_path):
     good = write_video(tmp_path / "good.mp4", 30)
     cut = tmp_path / "cut.mp4"

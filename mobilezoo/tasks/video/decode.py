@@ -128,13 +128,12 @@ _REFORMATTERS: dict[int, object] = {}
 
 def _reformatter():
     # One per process: it keeps its swscale context between frames of the same size and format, which
-    # `frame.to_ndarray(format=...)` (a new context for every frame) does not, about 10x faster. Never
-    # one inherited through fork: swscale's worker threads do not survive it, and a DataLoader worker
-    # using its parent's context hangs.
+    # `frame.to_ndarray(format=...)` (a new context for every frame) does not, about 10x faster. A
+    # process never uses nor frees one inherited through fork (a DataLoader worker): swscale's slice
+    # threads do not survive fork, and using or freeing that context hangs. It stays referenced here.
     pid = os.getpid()
     if pid not in _REFORMATTERS:
         from av.video.reformatter import VideoReformatter
-        _REFORMATTERS.clear()
         _REFORMATTERS[pid] = VideoReformatter()
     return _REFORMATTERS[pid]
 
