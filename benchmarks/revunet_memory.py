@@ -1,7 +1,7 @@
 """Peak training memory of revunet3d vs its plain twin and MONAI's SegResNet, and the paper's question.
 
-    python benchmarks/revunet_memory.py            # reference crop 128^3 (~25-30 min on a busy 2-core CPU)
-    python benchmarks/revunet_memory.py --quick    # the same question at 48^3 (~2-3 min)
+    python benchmarks/revunet_memory.py            # reference crop 128^3 (~25 min on a busy 2-core CPU)
+    python benchmarks/revunet_memory.py --quick    # the same question at 48^3 (~5 min)
 
 Writes OUT/revunet_memory.json (meta, rows, answer, overhead) and OUT/revunet_memory.md (README
 section). Every configuration runs in a fresh process (see mobilezoo/deploy/bench_memory.py).

@@ -6,6 +6,8 @@ buffers allocated), allocate input and target, then time one training step (forw
 BCE-with-logits on 3 regions, backward). CPU: peak RSS above the RSS just before the step, with
 glibc's mmap threshold fixed at 64 KiB so that freed activations go back to the OS and RSS follows
 the live tensors. CUDA: `torch.cuda.max_memory_allocated` above `memory_allocated` at that point.
+Models and tensors are channels_last_3d by default: on CPU the backward of a depthwise 3D convolution
+is ~75x slower in the contiguous format, which would swamp every step time.
 
 `memory_benchmark` answers the paper's question (Pendse et al.: "3x larger volumes, 2x channels,
 25% more depth" at a fixed memory budget): the budget is the plain twin's peak at the reference
@@ -30,6 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 REVERSIBLE, PLAIN, SEGRESNET = "revunet3d", "unet3d_mbconv", "segresnet"
 MODELS = (REVERSIBLE, PLAIN, SEGRESNET)
@@ -41,9 +45,9 @@ PAPER = {"volume_x": 3.0, "channels_x": 2.0, "depth_x": 1.25}  # Pendse et al., 
 IN_CHANNELS, OUT_CHANNELS = 4, 3
 STEP = 8  # crop granularity of the search: the default U-Nets and SegResNet halve the crop 3 times
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-# Presets of `memory_report`: the full run answers the paper's question at 128^3 (~25-30 min on a
-# busy 2-core CPU, most of it in the search probes at 190-200^3 and at 128^3 with 3-4x channels or
-# 4x couplings); the quick one asks the same question at 48^3 (~2-3 min).
+# Presets of `memory_report`: the full run answers the paper's question at 128^3 (~25 min on a busy
+# 2-core CPU, most of it in the search probes at 200^3 and at 128^3 with 3-4x channels or 4x
+# couplings; ~10 GiB of RAM); the quick one asks the same question at 48^3 (~5 min, ~0.7 GiB).
 FULL = dict(ref_crop=128, sweep_widths=(2,), sweep_depths=(4,), depths=(1.25, 1.5, 2, 4))
 QUICK = dict(ref_crop=48, crops=(24, 32, 48), sweep_crop=24, sweep_widths=(2,), sweep_depths=(4,),
              depths=(1.25, 1.5, 2, 4), overhead_crop=32, overhead_steps=2)
@@ -155,7 +159,8 @@ def _measure_here(model_name: str, crop: int, channels=None, encoder_blocks=None
             "decoder_blocks": None if seg else list(decoder_blocks or BASE_DECODER),
             "params": sum(p.numel() for p in model.parameters()), "baseline_mib": round(base, 1),
             "peak_mib": round(peak, 1), "first_step_s": round(times[0], 3),
-            "step_s": round(statistics.median(times[1:] or times), 3), "steps": steps}
+            "step_s": round(statistics.median(times[1:] or times), 3),
+            "min_step_s": round(min(times[1:] or times), 3), "steps": steps}
 
 
 class _ForkServer:
@@ -312,6 +317,46 @@ def _median(values: Sequence[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+class _FlopCounter(TorchDispatchMode):
+    """FLOPs of every op torch's flop registry knows (FlopCounterMode without its module tracker,
+    which cannot follow the modules run inside a custom autograd Function's forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def recompute_estimate(crop: int = 16) -> dict:
+    """RevNet's step-time estimate for this network: a plain step costs forward F + backward 2F, the
+    reversible one also re-runs the couplings' forward R, so 1 + R / 3F (4/3 when every layer is a
+    coupling). R = FLOPs of a reversible step minus those of a plain one (same weights and input)."""
+    torch.manual_seed(0)
+    x, target = torch.randn(1, IN_CHANNELS, crop, crop, crop), torch.rand(1, OUT_CHANNELS, crop, crop, crop)
+    model, step = build_model(REVERSIBLE), {}
+    for reversible in (True, False):
+        model.reversible = reversible
+        with _FlopCounter() as counter:
+            _train_step(model, x, target)
+        step[reversible] = counter.total
+    with _FlopCounter() as counter, torch.no_grad():
+        model(x)
+    forward, recompute = counter.total, step[True] - step[False]
+    return {"crop": crop, "forward_gflop": round(forward / 1e9, 4), "recompute_gflop": round(recompute / 1e9, 4),
+            "recompute_fraction": round(recompute / forward, 3), "ratio": round(1 + recompute / (3 * forward), 3)}
+
+
 def _fits(row: dict | None, budget: float) -> bool:
     return row is not None and row.get("peak_mib") is not None and row["peak_mib"] <= budget
 
@@ -328,16 +373,18 @@ def memory_benchmark(ref_crop: int = 128, crops: Sequence[int] | None = None,
                      sweep_depths: Sequence[float] = (2, 4), max_crop: int | None = None,
                      overhead_crop: int | None = None, overhead_steps: int = 3, overhead_rounds: int = 2,
                      batch: int = 1, device: str = "cpu", threads: int = 2, channels_last: bool = True,
-                     measure: Callable[..., dict] = measure_step, log: Callable[[str], None] | None = None) -> dict:
+                     flop_estimate: bool = True, measure: Callable[..., dict] = measure_step,
+                     log: Callable[[str], None] | None = None) -> dict:
     """Sweep crop, width and couplings per level, then answer the paper's question at `ref_crop`.
 
     Crop sweep (`crops`, default ref/2, 3ref/4, ref): all three models. Width and depth sweeps at
     `sweep_crop` (default ref/2): both U-Nets. Budget: the plain twin's peak at `ref_crop`. Then the
     reversible net at `ref_crop` is searched for the largest crop (ref..`max_crop`, default 2 ref, in
     steps of 8), width multiplier (`widths`) and couplings multiplier (`depths`) within the budget:
-    a line through the measurements so far picks the first probe, measurement decides (the answer fits, the next
-    candidate does not). Step-time overhead: `overhead_rounds` fresh processes per model, alternating,
-    each timing `overhead_steps` steps after a warm-up step at `overhead_crop` (default ref/2).
+    a line through the measurements so far picks the first probe, measurement decides (the answer
+    fits, the next candidate does not). Step-time overhead: `overhead_rounds` fresh processes per
+    model, alternating, each timing `overhead_steps` steps after a warm-up step at `overhead_crop`
+    (default ref/2), plus `recompute_estimate` when `flop_estimate`.
     Returns {"meta", "rows", "answer", "overhead"}; `measure` is `measure_step` or a stand-in.
     """
     say = log or (lambda msg: None)
@@ -430,20 +477,23 @@ def memory_benchmark(ref_crop: int = 128, crops: Sequence[int] | None = None,
                                  "channels": answer["width"]["channels_x"] > PAPER["channels_x"],
                                  "depth": answer["depth"]["depth_x"] > PAPER["depth_x"]}
 
-    # 4. step-time overhead of reversibility
+    # 4. step-time overhead of reversibility: measured, and RevNet's FLOP estimate for this network
     say(f"overhead: {overhead_rounds} fresh processes x {overhead_steps} timed steps per model at {overhead_crop}^3")
-    times: dict[str, list[float]] = {REVERSIBLE: [], PLAIN: []}
+    times: dict[str, list[dict]] = {REVERSIBLE: [], PLAIN: []}
     for r in range(overhead_rounds):
         for model in (REVERSIBLE, PLAIN) if r % 2 == 0 else (PLAIN, REVERSIBLE):
             row = measure(model, overhead_crop, steps=overhead_steps + 1, **common)
             if row.get("step_s") is not None:
-                times[model].append(row["step_s"])
-    overhead = {"crop": overhead_crop, "steps": overhead_steps, "rounds": overhead_rounds,
-                "reversible_step_s": _median(times[REVERSIBLE]), "plain_step_s": _median(times[PLAIN]),
-                "per_process_s": times, "ratio": None, "revnet_theory": round(4 / 3, 3)}
-    if overhead["reversible_step_s"] and overhead["plain_step_s"]:
-        overhead["ratio"] = round(overhead["reversible_step_s"] / overhead["plain_step_s"], 3)
-    say(f"overhead: {overhead['ratio']}x")
+                times[model].append({k: row.get(k) for k in ("step_s", "min_step_s")})
+    overhead = {"crop": overhead_crop, "steps": overhead_steps, "rounds": overhead_rounds, "per_process": times}
+    for key, pick in (("step_s", "step_s"), ("min_step_s", "min_step_s")):
+        rev, plain = ([t[pick] for t in times[m] if t.get(pick) is not None] for m in (REVERSIBLE, PLAIN))
+        agg = _median if key == "step_s" else (lambda v: min(v) if v else None)
+        overhead[f"reversible_{key}"], overhead[f"plain_{key}"] = agg(rev), agg(plain)
+    overhead["ratio"] = _ratio(overhead["reversible_step_s"], overhead["plain_step_s"])
+    overhead["ratio_of_fastest"] = _ratio(overhead["reversible_min_step_s"], overhead["plain_min_step_s"])
+    overhead["flop_estimate"] = recompute_estimate() if flop_estimate else None
+    say(f"overhead: {overhead['ratio']}x (fastest steps {overhead['ratio_of_fastest']}x)")
     meta = {"ref_crop": ref_crop, "sweep_crop": sweep_crop, "crops": crops, "search_max_crop": max_crop,
             "cap_mib": round(cap, 1), "torch": torch.__version__, "seconds": round(time.time() - t_start),
             "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None, **common}
@@ -570,10 +620,19 @@ def format_markdown(result: dict) -> str:
             out.append(f"| {_probe_name(r)} | {r.get('params', 0) / 1e6:.2f} M | {_mib(r)} | "
                        f"{'yes' if ok else 'no'} | {secs(r)} |")
     ratio_text = f"{o['ratio']:.2f}x" if o.get("ratio") else "not measured"
-    out += ["", f"Step-time overhead of reversibility at {o['crop']}^3 (median of {o['steps']} steps after a warm-up "
-            f"step, {o['rounds']} fresh processes per model): revunet3d {o['reversible_step_s']} s, plain twin "
-            f"{o['plain_step_s']} s: **{ratio_text}** (RevNet's estimate: 1.33x, one extra forward of the "
-            f"couplings).", ""]
+    out += ["", f"Step-time overhead of reversibility at {o['crop']}^3 ({o['rounds']} fresh processes per model, "
+            f"{o['steps']} steps each after a warm-up step): median step revunet3d {o['reversible_step_s']} s, plain "
+            f"twin {o['plain_step_s']} s: **{ratio_text}**"
+            + (f"; fastest steps {o['reversible_min_step_s']} s / {o['plain_min_step_s']} s: "
+               f"{o['ratio_of_fastest']:.2f}x" if o.get("ratio_of_fastest") else "") + "."]
+    est = o.get("flop_estimate")
+    if est:
+        out.append(f"RevNet's estimate (backward = 2x forward, plus one extra forward of what is recomputed) gives "
+                   f"1.33x when every layer is reversible; here the couplings are "
+                   f"{100 * est['recompute_fraction']:.0f}% "
+                   f"of the forward FLOPs (stem, resampling, skips and head are not recomputed), so "
+                   f"1 + {est['recompute_fraction']:.2f} / 3 = **{est['ratio']:.2f}x**.")
+    out.append("")
     return "\n".join(out)
 
 

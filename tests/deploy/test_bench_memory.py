@@ -2,19 +2,24 @@
 import os
 
 import pytest
+import torch
 
 from mobilezoo.deploy.bench_memory import (
     PLAIN,
     REVERSIBLE,
     SEGRESNET,
+    _FlopCounter,
     answer_line,
+    build_model,
     depth_blocks,
     find_largest,
     format_markdown,
     interpolated,
     measure_step,
     memory_benchmark,
+    recompute_estimate,
 )
+from mobilezoo.layers.reversible import ReversibleSequence
 
 TINY = dict(channels=(16, 32), threads=1, timeout=120)  # 2 levels: crops divisible by 2
 
@@ -67,15 +72,15 @@ def fake_measure(model, crop, channels=None, encoder_blocks=None, decoder_blocks
         n = sum(encoder_blocks) + sum(decoder_blocks)
         peak = (1000 if model == PLAIN else 300) * vol * channels[0] / 16 * n / 11
         row = dict(channels=list(channels), encoder_blocks=list(encoder_blocks), decoder_blocks=list(decoder_blocks))
-    row.update(model=model, crop=crop, params=1000, first_step_s=1.0,
-               step_s=1.3 if model == REVERSIBLE else 1.0)
+    row.update(model=model, crop=crop, params=1000, first_step_s=1.0, step_s=1.3 if model == REVERSIBLE else 1.0,
+               min_step_s=1.2 if model == REVERSIBLE else 1.0)
     if limit_mib is not None and peak > limit_mib:
         return {**row, "peak_mib": None, "error": "over the limit"}
     return {**row, "peak_mib": peak}
 
 
 def test_the_question_is_answered_from_the_measurements():
-    result = memory_benchmark(ref_crop=128, measure=fake_measure, device="fake")
+    result = memory_benchmark(ref_crop=128, measure=fake_measure, device="fake", flop_estimate=False)
     a = result["answer"]
     assert a["reference"]["peak_mib"] == pytest.approx(1000)
     # 300 (s/128)^3 <= 1000: s <= 191.6, so 184^3 (2.97x) fits and 192^3 (1012 MiB) does not
@@ -88,7 +93,7 @@ def test_the_question_is_answered_from_the_measurements():
     assert a["depth"]["encoder_blocks"] == [3, 3, 6, 12] and a["depth"]["next"]["couplings"] == 44
     assert a["beats_paper"] == {"volume": False, "channels": True, "depth": True}
     assert a["segresnet_at_reference"]["peak_mib"] == pytest.approx(500)
-    assert result["overhead"]["ratio"] == pytest.approx(1.3)
+    assert result["overhead"]["ratio"] == pytest.approx(1.3) and result["overhead"]["ratio_of_fastest"] == 1.2
     # the synthetic peaks are linear, so the crossing between the last fit and the first failure is exact
     est = interpolated(result)
     assert est["volume_x"] == pytest.approx(10 / 3, abs=0.01) and est["channels_x"] == pytest.approx(10 / 3, abs=0.01)
@@ -105,7 +110,7 @@ def test_the_question_is_answered_from_the_measurements():
 
 def test_largest_tried_is_reported_when_everything_fits():
     result = memory_benchmark(ref_crop=64, depths=(1.25, 2), widths=(2,), max_crop=80, measure=_cheap_rev,
-                              device="fake")
+                              device="fake", flop_estimate=False)
     a = result["answer"]
     assert a["crop"]["side"] == 80 and a["crop"]["largest_tried"]
     assert a["width"]["channels_x"] == 2 and a["depth"]["couplings"] == 22 and a["depth"]["largest_tried"]
@@ -129,3 +134,28 @@ def test_depth_multipliers_round_half_up():
     assert depth_blocks(1) == ((1, 1, 2, 4), (1, 1, 1))
     assert depth_blocks(1.25) == ((1, 1, 3, 5), (1, 1, 1))
     assert depth_blocks(2) == ((2, 2, 4, 8), (2, 2, 2))
+
+
+def test_recompute_estimate_is_one_extra_forward_of_the_couplings():
+    est = recompute_estimate(crop=8)
+    model = build_model(REVERSIBLE)
+    x = torch.randn(1, 4, 8, 8, 8)
+    counted = []
+
+    def count(seq, inputs, output):  # the couplings of this sequence, run once more under the counter
+        h = inputs[0]
+        with _FlopCounter() as c, torch.no_grad():
+            for block in seq.blocks:
+                h = block(h)
+        counted.append(c.total)
+
+    seqs = [m for m in model.modules() if isinstance(m, ReversibleSequence)]
+    hooks = [s.register_forward_hook(count) for s in seqs]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(counted) == 7 and est["recompute_gflop"] == pytest.approx(sum(counted) / 1e9, abs=1e-4)
+    # 62% of this network's forward FLOPs are in couplings: 1 + 0.62 / 3 = 1.21x, below RevNet's 4/3
+    assert 0.5 < est["recompute_fraction"] < 0.7 and est["ratio"] == pytest.approx(1 + est["recompute_fraction"] / 3,
+                                                                                    abs=1e-3)
