@@ -631,7 +631,7 @@ def format_markdown(result: dict) -> str:
                    f"1.33x when every layer is reversible; here the couplings are "
                    f"{100 * est['recompute_fraction']:.0f}% "
                    f"of the forward FLOPs (stem, resampling, skips and head are not recomputed), so "
-                   f"1 + {est['recompute_fraction']:.2f} / 3 = **{est['ratio']:.2f}x**.")
+                   f"1 + {est['recompute_fraction']:.3f} / 3 = **{est['ratio']:.2f}x**.")
     out.append("")
     return "\n".join(out)
 
