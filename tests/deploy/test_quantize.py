@@ -15,14 +15,6 @@ from mobilezoo.deploy.quantize import BatchReader, QuantizationError, quantize_i
 from mobilezoo.models import create_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def digit_images(start: int, n: int, size: int = 64) -> torch.Tensor:
     """Real handwritten digits (scikit-learn's scans) as RGB in [-1, 1], size x size."""
     from sklearn.datasets import load_digits
