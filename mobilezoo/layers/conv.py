@@ -58,6 +58,12 @@ def reference_padding():
         Conv2dSame.pad_weights = old
 
 
+def _ceil_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Output length of PyTorch pooling with `ceil_mode=True` and symmetric padding `pad`."""
+    out = -(-(size + 2 * pad - kernel) // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pad else out
+
+
 class AvgPool2dSame(nn.Module):
     """Average pooling with TF 'SAME' padding whose padded cells are excluded from the mean."""
 
@@ -70,6 +76,11 @@ class AvgPool2dSame(nn.Module):
         ph, pw = tf_same_pad(x.shape[-2], k, s), tf_same_pad(x.shape[-1], k, s)
         if ph == (0, 0) and pw == (0, 0):
             return F.avg_pool2d(x, k, s)
+        if all(after - before in (0, 1) and 2 * before <= k and _ceil_pool_size(n, k, s, before) == -(-n // s)
+               for (before, after), n in ((ph, x.shape[-2]), (pw, x.shape[-1]))):
+            # Pads (p, p) or (p, p + 1): PyTorch's ceil mode adds the extra trailing cell, and both
+            # exclude the padded cells from the mean as TF does; no padded copy of the input.
+            return F.avg_pool2d(x, k, s, padding=(ph[0], pw[0]), ceil_mode=True, count_include_pad=False)
         pad = (pw[0], pw[1], ph[0], ph[1])
         summed = F.avg_pool2d(F.pad(x, pad), k, s, divisor_override=1)
         ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)

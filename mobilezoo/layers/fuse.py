@@ -5,7 +5,10 @@
     the BN folded into the conv's weight and bias, the activation applied as a oneDNN post-op on
     CPU (one pass over the output instead of three);
   * a pre-norm BatchNorm2d followed by an unpadded 1x1 conv (MBConv's `pre_norm` + `expand`) is
-    folded into that conv (exact: a per-channel affine map before a 1x1 conv is linear in it).
+    folded into that conv (exact: a per-channel affine map before a 1x1 conv is linear in it);
+  * a squeeze-excite followed by a 1x1 conv (MBConv's `se` + `shrink`, MobileDet's SE + projection)
+    becomes one `GatedConv1x1`: the per-sample channel gate scales the conv's weights instead of
+    the activations, and the conv runs as one batched matmul (one pass over the tensor less).
 The result computes the same function (to float rounding, ~1e-6 relative) and is for inference only.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv import Conv2dSame, tf_same_pad
+from .mbconv import SqueezeExcite
 
 # Activation module -> (oneDNN post-op name, scalars, algorithm) for mkldnn._convolution_pointwise.
 _POST_OPS = {
@@ -73,6 +77,47 @@ class FusedConvAct(nn.Module):
         name, scalars, algorithm = self.post_op
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed[key], b, padding, stride, dilation, groups, name, scalars, algorithm)
+
+
+class GatedConv1x1(nn.Module):
+    """SqueezeExcite then an unpadded, ungrouped, stride-1 1x1 conv [+ activation], as
+    `act(bmm(x, (W * gate)^T) + b)` over the (N, H*W, C) view of a channels-last input."""
+
+    def __init__(self, se: SqueezeExcite, fused: "FusedConvAct"):
+        super().__init__()
+        self.se, self.conv, self.act = se, fused.conv, fused.act
+
+    @staticmethod
+    def applies(se: nn.Module, nxt: nn.Module) -> bool:
+        if type(se) is not SqueezeExcite or not isinstance(nxt, FusedConvAct):
+            return False
+        c = nxt.conv
+        return c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1 and not any(c.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        se = self.se
+        n, c, h, w = x.shape
+        gate = se.gate(se.expand(se.act(se.reduce(F.avg_pool2d(x, (h, w))))))
+        weight = gate.view(n, 1, c) * self.conv.weight.view(1, -1, c)  # (N, C_out, C_in)
+        tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when x is channels-last
+        bias = self.conv.bias
+        out = (torch.bmm(tokens, weight.transpose(1, 2)) if bias is None
+               else torch.baddbmm(bias.to(tokens.dtype), tokens, weight.transpose(1, 2)))
+        return self.act(out.view(n, h, w, -1).permute(0, 3, 1, 2))
+
+
+def _fuse_gates(module: nn.Module) -> None:
+    """SqueezeExcite followed by a fused 1x1 conv, in a Sequential or as `se` + `shrink`."""
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            nxt = module[i + 1]
+            first = nxt[0] if isinstance(nxt, nn.Sequential) and len(nxt) else nxt
+            if GatedConv1x1.applies(module[i], first) and (
+                    first is nxt or all(isinstance(m, nn.Identity) for m in list(nxt)[1:])):
+                module[i], module[i + 1] = nn.Identity(), GatedConv1x1(module[i], first)
+    se, shrink = getattr(module, "se", None), getattr(module, "shrink", None)
+    if se is not None and GatedConv1x1.applies(se, shrink):
+        module.se, module.shrink = nn.Identity(), GatedConv1x1(se, shrink)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +206,7 @@ def _fuse_children(module: nn.Module) -> None:
         if conv.kernel_size == (1, 1) and conv.groups == 1 and not any(conv.padding):
             fold_bn_before(pre, conv)
             module.pre_norm = nn.Identity()
+    _fuse_gates(module)
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:

@@ -83,3 +83,16 @@ def test_avgpool_same_excludes_padding_odd():
 def test_avgpool_same_pool2_even_is_plain():
     x = torch.randn(2, 3, 8, 6)
     torch.testing.assert_close(AvgPool2dSame(2, 2)(x), F.avg_pool2d(x, 2, 2))
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_avgpool_same_equals_mean_over_real_cells_for_every_size(kernel, stride):
+    """The no-copy ceil-mode path and the padded fallback both equal sum-of-real-cells / their count."""
+    for h in range(3, 16):
+        x = torch.randn(2, 3, h, h + 1)
+        ph, pw = tf_same_pad(h, kernel, stride), tf_same_pad(h + 1, kernel, stride)
+        pad = (pw[0], pw[1], ph[0], ph[1])
+        summed = F.avg_pool2d(F.pad(x, pad), kernel, stride, divisor_override=1)
+        count = F.avg_pool2d(F.pad(torch.ones(1, 1, h, h + 1), pad), kernel, stride, divisor_override=1)
+        torch.testing.assert_close(AvgPool2dSame(kernel, stride)(x), summed / count)

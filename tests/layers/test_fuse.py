@@ -5,7 +5,7 @@ from torch import nn
 
 import mobilezoo  # noqa: F401
 from mobilezoo.layers.conv import Conv2dSame, ConvNormAct
-from mobilezoo.layers.fuse import FusedConvAct, fold_bn_after, fold_bn_before, fuse_for_inference
+from mobilezoo.layers.fuse import FusedConvAct, GatedConv1x1, fold_bn_after, fold_bn_before, fuse_for_inference
 from mobilezoo.models import create_model
 
 
@@ -78,6 +78,7 @@ def test_fused_tiny_moat_equals_the_original_and_has_no_batchnorm_left():
     fused = fuse_for_inference(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # pre-norms folded too
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    assert sum(isinstance(m, GatedConv1x1) for m in fused.modules()) == 5  # every SE (stages 1-2)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         ref, out = model(x), fused(x)
@@ -103,6 +104,7 @@ def test_fused_detector_gives_the_same_detections():
     model = _randomise_all_bn(create_model("ssdlite_mobiledet_cpu", num_classes=5))
     fused = fuse_for_inference(model)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0
+    assert sum(isinstance(m, GatedConv1x1) for m in fused.modules()) == 19  # every SE of the CPU net
     x = torch.rand(1, 3, 160, 160) * 2 - 1
     with torch.inference_mode():
         ref, out = model(x)[0], fused(x)[0]
