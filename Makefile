@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,21 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Every benchmark writes benchmarks/results/NAME.json; update_readme.py re-renders the README tables.
+MZ := $(VENV)/bin/mobilezoo
+RESULTS := benchmarks/results
 bench: $(STAMP)
+	$(MZ) bench --runtimes all --json $(RESULTS)/runtimes.json
 	$(PY) benchmarks/moat_vs_timm.py
+	$(MZ) bench ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu \
+		--vs tv:ssdlite320_mobilenet_v3_large --json $(RESULTS)/detectors.json
+	$(MZ) bench squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s --json $(RESULTS)/video.json
+	$(PY) benchmarks/update_readme.py
+
+# Peak training memory, reversible vs plain 3-D U-Net (~30 min): not part of `make bench`.
+bench-memory: $(STAMP)
+	$(PY) benchmarks/revunet_memory.py
+	$(PY) benchmarks/update_readme.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mobilezoo tests benchmarks

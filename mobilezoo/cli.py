@@ -206,8 +206,12 @@ def cmd_export(args) -> int:
         batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
         q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), batches)
         print(f"wrote {q} ({q.stat().st_size / out.stat().st_size:.2f}x the fp32 size), calibrated on "
-              f"{len(calib)} training samples of {recipe.data.name}; evaluate it with "
-              f"`mobilezoo eval {src} --runtime onnxruntime --onnx {q}`")
+              f"{len(calib)} training samples of {recipe.data.name}")
+        if args.compare:  # the accuracy and speed change on the val split
+            from .deploy.compare import compare_onnx, format_comparison
+            result = compare_onnx(recipe, task, {"fp32": out, "int8": q}, threads=args.threads)
+            q.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            print(format_comparison(result) + f"\n(written to {q.with_suffix('.json')})")
     return 0
 
 
@@ -238,8 +242,25 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
+    if args.runtimes:  # one table: every family x every runtime, peers in the same run
+        from .deploy import bench_runtimes as br
+        runtimes = br.RUNTIMES if "all" in args.runtimes else args.runtimes
+        for m in args.models:
+            if m.endswith(".json"):
+                _check_arch(m)
+        models, peers = (args.models, args.vs) if args.models else (br.SUITE, args.vs or br.SUITE_PEERS)
+        try:
+            result = br.runtime_benchmark(models, peers, runtimes, args.threads, quick=args.quick,
+                                          log=lambda m: print(m, file=sys.stderr))
+        except (KeyError, ValueError) as e:
+            raise UserError(str(e).strip("'\"")) from None
+        print(br.format_markdown(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if not args.models:
-        raise UserError("name at least one model (or --memory revunet3d)")
+        raise UserError("name at least one model (or --runtimes all, or --memory revunet3d)")
     videos = set(list_models("video")) | set(bench_video.TORCHVISION)
     if all(m.split(":")[-1] in videos or m in videos for m in args.models + args.vs):
         rows = bench_video.video_benchmark(args.models, args.vs, bench_video.parse_clip(args.clip),
@@ -352,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
     s.add_argument("--memory", metavar="MODEL", help="peak training memory of revunet3d vs its plain twin and "
                    "SegResNet, and how much larger a reversible net fits (~25 min; --quick ~2 min)")
-    s.add_argument("--quick", action="store_true", help="--memory: reference crop 48^3 instead of 128^3")
+    s.add_argument("--runtimes", nargs="+", choices=["all", "eager", "fp32", "bf16", "ort", "int8"],
+                   help="one table of every named model (default: one or more of every family) in each "
+                   "runtime: PyTorch fp32 eager / fused fp32 / bf16, ONNX Runtime fp32 / INT8; peers "
+                   "(timm:, tv:, monai:SegResNet) in the same run")
+    s.add_argument("--quick", action="store_true", help="--memory: reference crop 48^3 instead of 128^3; "
+                   "--runtimes: small inputs and batches")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
 
@@ -368,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int8", action="store_true", help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx")
     s.add_argument("--calib-data", help="data root for INT8 calibration (default: the run's own training data)")
     s.add_argument("--calib-samples", type=int, default=64)
+    s.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="with --int8: skip evaluating fp32 and INT8 on the val split (accuracy and latency "
+                   "change, written to RUN/model.int8.json)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the comparison")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("convert", help="official SqueezeTime checkpoint (.pth, mmaction2 keys) -> safetensors")

@@ -2,7 +2,8 @@
 
 Per task: train (a demo-sized recipe), evaluate, predict on val samples (the run's own report
 figures: confusion matrix, detections, segmentation overlays, labelled clips), export to ONNX
-with a parity check, and time batch-1 inference with each runtime. Writes `OUT/report.md`,
+with a parity check, quantize to INT8 and evaluate both ONNX files on the val split, and time
+batch-1 inference with each runtime. Writes `OUT/report.md`,
 `OUT/report.html`, `OUT/latency.png` and one run directory per task.
 """
 from __future__ import annotations
@@ -77,11 +78,14 @@ def _real_input(task, shape: tuple[int, ...]) -> torch.Tensor:
     return x[None].float()
 
 
-def _deploy(name: str, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path, runs: int) -> list[dict]:
-    """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime after an export
-    whose parity with PyTorch is checked on a real sample."""
+def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path,
+            runs: int) -> tuple[list[dict], dict]:
+    """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime fp32 and INT8 after
+    an export whose parity with PyTorch is checked on a real sample; both ONNX files are also
+    evaluated on the val split (the INT8 accuracy change). Returns (rows, export summary)."""
+    from .deploy.compare import compare_onnx
     from .deploy.export import export_onnx
-    from .deploy.ort import OrtModel
+    from .deploy.quantize import quantize_int8
     from .layers.fuse import fuse_for_inference
     model = model.eval().float()
     x = torch.randn(shape)
@@ -90,11 +94,16 @@ def _deploy(name: str, task, model: torch.nn.Module, shape: tuple[int, ...], run
     rows.append({"task": name, "runtime": "PyTorch fp32 fused", "ms": _time_ms(fused, x, runs)})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": _time_ms(fused, x, runs)})
-    onnx_path = run_dir / "model.onnx"
-    summary = export_onnx(model, _real_input(task, shape), onnx_path, task=name)
-    rows.append({"task": name, "runtime": "ONNX Runtime fp32", "ms": _time_ms(OrtModel(onnx_path), x, runs),
-                 "parity": summary.get("parity")})
-    return rows
+    onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
+    # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
+    summary = export_onnx(model, _real_input(task, shape), onnx_path, task=name, detector_mode="raw")
+    calib = task.example_inputs(8 if runs < 10 else 64)
+    quantize_int8(onnx_path, int8_path, [calib[i:i + 8] for i in range(0, len(calib), 8)])
+    compared = compare_onnx(recipe, task, {"fp32": onnx_path, "int8": int8_path}, runs=runs)
+    for label, r in compared["rows"].items():
+        rows.append({"task": name, "runtime": f"ONNX Runtime {label}", "ms": r["latency_ms"],
+                     f"val_{compared['metric']}": r["metric"]})
+    return rows, {"parity": summary.get("parity"), "int8": compared}
 
 
 def _embed_run_report(run: str, run_dir: Path) -> list[str]:
@@ -154,10 +163,12 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
         metrics = fit(recipe, build_task(recipe))
         seconds = time.time() - t0
         recipe, task, model = load_run(run_dir)
-        rows = _deploy(name, task, model, demo.input_shape(recipe), run_dir, runs=3 if quick else 20)
+        rows, export = _deploy(name, recipe, task, model, demo.input_shape(recipe), run_dir, runs=3 if quick else 20)
         latency += rows
+        int8 = export["int8"]
         results[name] = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                         "train_seconds": round(seconds, 1), "latency_ms": {r["runtime"]: r["ms"] for r in rows}}
+                         "train_seconds": round(seconds, 1), "latency_ms": {r["runtime"]: r["ms"] for r in rows},
+                         "onnx_parity": export["parity"], "int8": int8}
         lines += [f"## {demo.title}", "",
                   f"**{task.summary(metrics)}** after {recipe.train.epochs} epochs, trained in {seconds:.0f} s "
                   f"on this machine (recipe `{demo.recipe}` with {', '.join(demo.overrides)}).", "",
@@ -165,7 +176,11 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
                   "| runtime | batch-1 latency (ms) |", "|---|---|",
                   *[f"| {r['runtime']} | {r['ms']:.1f} |" for r in rows], "",
                   f"ONNX export `{name}/model.onnx`, checked against PyTorch on a real sample: "
-                  f"{json.dumps(rows[-1]['parity'])}", ""]
+                  f"{json.dumps(export['parity'])}. INT8 (`{name}/model.int8.onnx`, static QDQ calibrated on "
+                  f"training samples), on the whole val split with ONNX Runtime: {int8['metric']} "
+                  f"{int8['rows']['fp32']['metric']:.4f} (fp32) -> {int8['rows']['int8']['metric']:.4f} (INT8), "
+                  f"change {int8['change']['int8']:+.4f}; batch-1 {int8['speedup']['int8']:.2f}x the fp32 speed, "
+                  f"{int8['rows']['int8']['size_mb'] / int8['rows']['fp32']['size_mb']:.2f}x the size.", ""]
         print(f"demo {name}: {task.summary(metrics)} ({seconds:.0f} s)")
     _latency_chart(latency, out / "latency.png")
     lines += ["## Latency", "", "![batch-1 latency per runtime](latency.png)", "",

@@ -455,6 +455,13 @@ def test_export_then_eval_and_predict_with_onnxruntime(capsys, trained, data_roo
                                "--out", tmp_path / "o")
     assert rc == 0, err
     assert json.loads(ort_metrics)["top1"] == json.loads(torch_metrics)["top1"]
+    # export --int8 evaluated both files on the val split: the fp32 row is what `eval` measures
+    report = json.loads((tmp_path / "m.int8.json").read_text())
+    assert report["metric"] == "top1" and set(report["rows"]) == {"fp32", "int8"}
+    assert report["rows"]["fp32"]["metric"] == json.loads(ort_metrics)["top1"]
+    rows = report["rows"]
+    assert report["change"]["int8"] == pytest.approx(rows["int8"]["metric"] - rows["fp32"]["metric"])
+    assert "val top1" in stdout and "vs fp32" in stdout
     image = next(data_root.rglob("*.png"))
     _, torch_pred, _ = cli(capsys, "predict", trained, image, "--topk", 1)
     rc, ort_pred, err = cli(capsys, "predict", trained, image, "--topk", 1, "--runtime", "onnxruntime", "--onnx", out)

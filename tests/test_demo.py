@@ -18,7 +18,10 @@ def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     assert "classify/confusion.png" in report and "classify/predictions.png" in report  # links fixed up
     assert "latency.png" in report and (out / "latency.png").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert set(results["classify"]["latency_ms"]) >= {"PyTorch fp32 eager", "ONNX Runtime fp32"}
+    assert set(results["classify"]["latency_ms"]) >= {"PyTorch fp32 eager", "ONNX Runtime fp32", "ONNX Runtime int8"}
+    int8 = results["classify"]["int8"]  # both ONNX files evaluated on the whole val split
+    assert int8["rows"]["fp32"]["count"] == 128 and int8["metric"] == "top1"
+    assert f"{int8['rows']['int8']['metric']:.4f} (INT8)" in report
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="classify/predictions.png"' in html
 

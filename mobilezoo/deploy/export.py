@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers.conv import reference_padding
-from ..layers.fuse import FusedConvAct, fuse_for_inference
+from ..layers.fuse import FusedConvAct, GatedConv1x1, fuse_for_inference
 from ..layers.mbconv import SqueezeExcite
 from ..layers.reversible import set_reversible
 from .ort import META_DECODER, META_DETECTOR_MODE, META_TASK, DetectionDecoder, OrtModel, anchors_path
@@ -111,6 +111,9 @@ def _unfuse_activations(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, FusedConvAct):  # keep the folded conv, drop the oneDNN post-op path
             setattr(module, name, nn.Sequential(child.conv, child.act))
+        elif isinstance(child, GatedConv1x1):  # the per-sample weight scaling has no plain ONNX form
+            setattr(module, name, nn.Sequential(child.se, child.conv, child.act))
+            _unfuse_activations(getattr(module, name))
         else:
             _unfuse_activations(child)
 

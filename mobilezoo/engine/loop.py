@@ -39,6 +39,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @dataclass
 class Context:
     """Where and how the loop runs: device, precision, and the process's rank."""
@@ -49,21 +52,23 @@ class Context:
     channels_last: bool = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device (and to channels-last memory when enabled)."""
+        """Move the model to the device (and to channels-last memory when enabled: 4-D tensors
+        channels_last, 5-D ones channels_last_3d, whose depthwise 3-D conv backward is ~75x faster
+        on CPU than the contiguous one)."""
         model = model.to(self.device)
         if not self.channels_last:
             return model
-        for t in (*model.parameters(), *model.buffers()):  # per tensor: 3-D models keep their 5-D weights
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
+        for t in (*model.parameters(), *model.buffers()):
+            if t.dim() in _CHANNELS_LAST:
+                t.data = t.data.contiguous(memory_format=_CHANNELS_LAST[t.dim()])
         return model
 
     def batch(self, batch):
-        """Move a batch to the device; 4-D float tensors become channels-last when enabled."""
+        """Move a batch to the device; 4-D / 5-D float tensors become channels-last when enabled."""
         batch = to_device(batch, self.device)
         if self.channels_last and isinstance(batch, dict):
-            batch = {k: v.contiguous(memory_format=torch.channels_last)
-                     if isinstance(v, torch.Tensor) and v.ndim == 4 and v.is_floating_point() else v
+            batch = {k: v.contiguous(memory_format=_CHANNELS_LAST[v.ndim])
+                     if isinstance(v, torch.Tensor) and v.ndim in _CHANNELS_LAST and v.is_floating_point() else v
                      for k, v in batch.items()}
         return batch
 

@@ -76,8 +76,9 @@ class AvgPool2dSame(nn.Module):
         ph, pw = tf_same_pad(x.shape[-2], k, s), tf_same_pad(x.shape[-1], k, s)
         if ph == (0, 0) and pw == (0, 0):
             return F.avg_pool2d(x, k, s)
-        if all(after - before in (0, 1) and 2 * before <= k and _ceil_pool_size(n, k, s, before) == -(-n // s)
-               for (before, after), n in ((ph, x.shape[-2]), (pw, x.shape[-1]))):
+        if not torch.jit.is_tracing() and all(  # (ONNX export: pooling padding must be a constant)
+                after - before in (0, 1) and 2 * before <= k and _ceil_pool_size(n, k, s, before) == -(-n // s)
+                for (before, after), n in ((ph, x.shape[-2]), (pw, x.shape[-1]))):
             # Pads (p, p) or (p, p + 1): PyTorch's ceil mode adds the extra trailing cell, and both
             # exclude the padded cells from the mean as TF does; no padded copy of the input.
             return F.avg_pool2d(x, k, s, padding=(ph[0], pw[0]), ceil_mode=True, count_include_pad=False)

@@ -30,6 +30,8 @@ def _split(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _apply_checked(fn: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     # The coupling reuses F's and G's inputs (and the reversible backward rebuilds them), so an
     # in-place write there would silently corrupt the result: refuse it instead.
+    if x.is_inference():  # inference-mode tensors keep no version counter (and no backward rebuilds them)
+        return fn(x)
     version = x._version
     out = fn(x)
     if x._version != version:

@@ -222,26 +222,17 @@ def _torch_runner(model, x):
 
 
 def _ort_runner(model, x, threads: int):
-    import onnxruntime as ort
-
-    class Net(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, images):
-            boxes, logits, _ = self.m.head_outputs(images)
-            return boxes, logits
-
+    """The detector network as deployed to ONNX Runtime: `export_onnx`'s raw-heads graph (BN folded)."""
     import tempfile
+
+    from ..deploy.export import export_onnx
+    from ..deploy.ort import OrtModel
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "net.onnx"
-        torch.onnx.export(Net(model), (x,), str(path), input_names=["images"], dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {"images": x.numpy()}
-    return lambda: sess.run(None, feed)
+        export_onnx(model, x, path, "detect", detector_mode="raw", check=False)
+        session = OrtModel(path, threads=threads)  # the session keeps the graph in memory
+    feed = x.numpy()
+    return lambda: session.run(feed)
 
 
 def measure_latency(arch: list[dict], runtime: str = "torch", threads: int = 1, size: int = 320,

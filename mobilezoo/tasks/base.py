@@ -52,6 +52,7 @@ class Task:
 
     name = "base"
     input_key = "image"  # the batch field the model reads (export, calibration, latency)
+    headline = ""  # the metric key that summarizes a run (e.g. to compare fp32 and INT8)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -102,6 +102,7 @@ class ClassificationTask(Task):
     """Train/eval/predict an image classifier on a folder with train/ and val/ class folders."""
 
     name = "classify"
+    headline = "top1"
 
     def __init__(self, recipe):
         super().__init__(recipe)

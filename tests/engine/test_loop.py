@@ -104,3 +104,16 @@ def test_bn_recalibration_matches_data_statistics():
     per_batch_var = torch.stack([d["image"].var((0, 2, 3), unbiased=True) for d in data]).mean(0)
     assert torch.allclose(bn.running_var, per_batch_var, rtol=1e-4)
     assert bn.momentum == 0.01
+
+
+def test_channels_last_context_uses_the_3d_layout_for_volumes():
+    from mobilezoo.engine.loop import Context
+    ctx = Context(torch.device("cpu"), channels_last=True)
+    model = ctx.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv3d(4, 4, 3, groups=4)))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    batch = ctx.batch({"image": torch.randn(2, 3, 8, 8), "volume": torch.randn(2, 4, 6, 6, 6),
+                       "label": torch.zeros(2, 6, 6, 6, dtype=torch.long)})
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["volume"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert batch["label"].is_contiguous() and batch["label"].dtype == torch.long

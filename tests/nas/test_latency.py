@@ -75,3 +75,23 @@ def test_bad_model_files_name_the_problem(tmp_path):
                              "intercept_ms": 1.0, "tables": [{}]}))
     with pytest.raises(UserError, match="1 layer tables"):
         LatencyModel.load(p)
+
+
+def test_onnxruntime_latency_times_the_same_network_as_torch():
+    """The ORT runner's graph computes the detector network of the architecture (its raw outputs)."""
+    import torch
+
+    from mobilezoo.models.ssdlite import SSDLite
+    from mobilezoo.nas.latency import _ort_runner, measure_latency
+    from mobilezoo.nas.space import get_space, to_arch
+    space = get_space("ibn_fused_tucker")
+    arch = to_arch(space, sample(space, random.Random(3)))
+    torch.manual_seed(0)
+    model = SSDLite(arch, num_classes=90).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        boxes, logits, _ = model.head_outputs(x)
+        ort_boxes, ort_logits = _ort_runner(model, x, threads=1)()
+    np.testing.assert_allclose(ort_boxes, boxes.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ort_logits, logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert measure_latency(arch, "onnxruntime", threads=1, size=96, iters=2, warmup=1) > 0

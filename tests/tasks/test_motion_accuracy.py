@@ -6,9 +6,12 @@ so every clip, in training and validation, is its middle frame repeated 16 times
 import json
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from mobilezoo.data import motion
-from mobilezoo.engine.loop import fit
+from mobilezoo.engine.loop import fit, load_run
+from mobilezoo.layers.fuse import fuse_for_inference
 from mobilezoo.recipes import load_recipe
 from mobilezoo.tasks.video import VideoTask
 
@@ -22,12 +25,25 @@ def _train(tmp_path, name: str, **overrides) -> tuple[dict, dict]:
     return metrics, last
 
 
+def _val_predictions(model, task, dtype) -> torch.Tensor:
+    """Single-view top-1 class of every val clip, input and weights in `dtype`."""
+    loader = DataLoader(task.val_dataset(), batch_size=16, collate_fn=task.collate)
+    with torch.inference_mode():
+        return torch.cat([model(batch["video"].to(dtype)).argmax(1) for batch in loader])
+
+
 @pytest.mark.slow
-def test_squeezetime_mini_learns_motion(tmp_path):
+def test_squeezetime_mini_learns_motion_and_bf16_keeps_its_predictions(tmp_path):
     metrics, last = _train(tmp_path, "motion")
     assert last["epoch"] == load_recipe("video_motion").train.epochs
     assert metrics["count"] == motion.NUM_VAL
     assert metrics["top1"] >= 0.90, metrics
+    # bf16 as benchmarked (BN folded in fp32, then weights and activations cast): same top-1 per clip
+    _, task, model = load_run(tmp_path / "motion")
+    fp32 = _val_predictions(fuse_for_inference(model), task, torch.float32)
+    bf16 = _val_predictions(fuse_for_inference(model).to(torch.bfloat16), task, torch.bfloat16)
+    assert len(fp32) == motion.NUM_VAL
+    assert (fp32 == bf16).float().mean() >= 0.99, f"{int((fp32 != bf16).sum())} of {len(fp32)} clips changed"
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ class DetectionTask(Task):
     SSD random crop (defaults 0.5 and 0.85)."""
 
     name = "detect"
+    headline = "map"
     collate = staticmethod(collate_detection)
 
     def __init__(self, recipe):

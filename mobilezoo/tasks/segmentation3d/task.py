@@ -34,6 +34,7 @@ class Segmentation3DTask(Task):
     `data.augment`: see transforms.DEFAULT_OPTIONS."""
 
     name = "segment3d"
+    headline = "dice"
     collate = staticmethod(collate_volumes)
 
     def __init__(self, recipe):

@@ -53,6 +53,7 @@ class VideoTask(Task):
     """Train/eval/predict a video classifier (e.g. SqueezeTime) on class folders or list files of videos."""
 
     name = "video"
+    headline = "top1"
     input_key = "video"
 
     def __init__(self, recipe):

@@ -1,0 +1,60 @@
+"""Accuracy and speed of exported ONNX files side by side, on the run's own val split.
+
+`compare_onnx(recipe, task, {"fp32": a.onnx, "int8": b.onnx})` evaluates every file with ONNX
+Runtime on the whole val split (the task's metric, as `mobilezoo eval --runtime onnxruntime`
+does) and times batch-1 inference on a real sample; the first file is the baseline of the
+headline-metric change and the speed-up."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import Context, evaluate
+from ..engine.loop import eval_loader
+from .ort import OrtModel
+
+
+def batch1_latency_ms(model, x: torch.Tensor, runs: int = 20) -> float:
+    """Median wall time of one batch-1 forward after two warm-up runs."""
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def compare_onnx(recipe, task, files: dict[str, Path], threads: int | None = None, runs: int = 20) -> dict:
+    """{"metric", "rows": {label: {"metric", "latency_ms", "size_mb"}}, "change", "speedup"} with the
+    change and speed-up of each file relative to the first."""
+    ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
+    x = task.example_inputs(1)
+    rows = {}
+    for label, path in files.items():
+        model = OrtModel(path, threads=threads)
+        metrics = evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
+        rows[label] = {"metric": float(metrics[task.headline]),
+                       "latency_ms": round(batch1_latency_ms(model, x, runs), 2),
+                       "size_mb": round(Path(path).stat().st_size / 1e6, 2), "count": metrics.get("count")}
+    base = next(iter(rows.values()))
+    return {"metric": task.headline, "rows": rows,
+            "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items()},
+            "speedup": {k: round(base["latency_ms"] / r["latency_ms"], 3) for k, r in rows.items()}}
+
+
+def format_comparison(result: dict) -> str:
+    """One line per file: metric (change), batch-1 latency (speed-up), size."""
+    first = next(iter(result["rows"]))
+    lines = []
+    for label, r in result["rows"].items():
+        change = "" if label == first else (f" ({result['change'][label]:+.4f} vs {first}; "
+                                            f"{result['speedup'][label]:.2f}x faster)")
+        lines.append(f"{label}: val {result['metric']} {r['metric']:.4f}, batch-1 {r['latency_ms']:.1f} ms, "
+                     f"{r['size_mb']:.1f} MB{change}")
+    return "\n".join(lines)

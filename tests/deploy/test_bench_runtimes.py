@@ -1,0 +1,90 @@
+"""The one-table benchmark: every runtime and family, fields, ratios and goal verdicts."""
+import json
+
+import pytest
+
+from mobilezoo.cli import main
+from mobilezoo.deploy import bench_runtimes as br
+
+FIELDS = {"model", "family", "source", "runtime", "input", "batch", "params", "macs", "latency_ms",
+          "latency_p90_ms", "throughput", "peak_mem_mb", "gmacs_per_s", "peak_fraction"}
+FAST = dict(quick=True, iters=2, batch_iters=1, rounds=1)
+
+
+@pytest.fixture(scope="module")
+def classifier_result():
+    return br.runtime_benchmark(["tiny_moat_0"], ["timm:efficientnet_b0"], br.RUNTIMES, threads=1, **FAST)
+
+
+def test_every_runtime_of_ours_and_the_peer_runtimes_have_every_field(classifier_result):
+    rows = classifier_result["rows"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        *[("tiny_moat_0", rt) for rt in br.RUNTIMES],
+        ("timm:efficientnet_b0", "fp32"), ("timm:efficientnet_b0", "bf16")]
+    peak = classifier_result["meta"]["matmul_peak_gflops_fp32"]
+    assert peak > 1
+    for r in rows:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["latency_ms"] > 0 and r["throughput"] > 0
+        assert r["gmacs_per_s"] == pytest.approx(r["macs"] * r["throughput"] / 1e9, rel=1e-2)
+        assert r["peak_fraction"] == pytest.approx(2 * r["gmacs_per_s"] / peak, rel=2e-2)
+    ours = [r for r in rows if r["source"] == "mobilezoo"]
+    assert len({r["macs"] for r in ours}) == 1  # every runtime is credited with the network's MACs
+    assert ours[0]["input"] == list(br.QUICK_INPUTS["classify"][0])
+    summary, = classifier_result["summary"]
+    assert summary["model"] == "tiny_moat_0"
+    best = min(ours, key=lambda r: r["latency_ms"])
+    assert summary["best_runtime"] == best["runtime"]
+    eager = next(r for r in ours if r["runtime"] == "eager")
+    assert summary["speedup_vs_eager"] == pytest.approx(eager["latency_ms"] / best["latency_ms"], rel=1e-3)
+    assert "vs_timm:efficientnet_b0" in summary
+    assert classifier_result["skipped"] == []
+
+
+def test_summary_picks_the_fastest_runtime_and_judges_the_goal():
+    def row(model, runtime, ms, family="classify", source="mobilezoo"):
+        return {"model": model, "runtime": runtime, "latency_ms": ms, "family": family, "source": source}
+    rows = [row("a", "eager", 30.0), row("a", "fp32", 25.0), row("a", "int8", 15.0),
+            row("b", "eager", 10.0), row("b", "bf16", 8.0),
+            row("p", "fp32", 45.0, source="timm"), row("p", "bf16", 60.0, source="timm"),
+            row("d", "fp32", 5.0, family="detect", source="tv")]
+    a, b = br.summarize(rows)
+    assert (a["best_runtime"], a["speedup_vs_eager"], a["goal_met"]) == ("int8", 2.0, True)
+    assert (b["best_runtime"], b["speedup_vs_eager"], b["goal_met"]) == ("bf16", 1.25, False)
+    assert a["vs_p"] == 3.0 and "vs_d" not in a  # peers of the same family only, peer best / ours
+
+
+def test_markdown_has_a_line_per_row_a_summary_line_per_model_and_names_skipped_runtimes(classifier_result):
+    result = {**classifier_result, "skipped": [{"model": "x", "runtime": "int8", "reason": "quantization failed: y"}]}
+    text = br.format_markdown(result)
+    assert sum(line.startswith("| tiny_moat_0 |") for line in text.splitlines()) == len(br.RUNTIMES) + 1
+    assert "ORT INT8" in text and "(timm)" in text
+    assert "Not run: x with ORT INT8: quantization failed: y" in text
+
+
+def test_every_family_runs_in_pytorch_and_onnx_runtime(tmp_path):
+    out = tmp_path / "runtimes.json"
+    rc = main(["bench", "ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d", "--runtimes", "eager", "ort",
+               "--vs", "tv:ssdlite320_mobilenet_v3_large", "monai:SegResNet", "--quick", "--threads", "1",
+               "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    got = {(r["model"], r["runtime"]): r for r in result["rows"]}
+    for m in ("ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d"):
+        assert {(m, "eager"), (m, "ort")} <= set(got)
+        assert got[(m, "eager")]["macs"] > 0
+    assert got[("revunet3d", "ort")]["input"] == list(br.QUICK_INPUTS["segment3d"][0])
+    assert got[("squeezetime_mini", "ort")]["family"] == "video"
+    assert {s["model"] for s in result["summary"]} == {"ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d"}
+    assert "vs_monai:SegResNet" in next(s for s in result["summary"] if s["model"] == "revunet3d")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "tiny_moat_9", "--runtimes", "fp32"], "tiny_moat_9"),
+    (["bench", "tiny_moat_0", "--runtimes", "fp32", "--vs", "tv:resnet50"], "tv:resnet50"),
+    (["bench", "tiny_moat_0", "--runtimes", "fp32", "--vs", "timm:nonexistent_net"], "nonexistent_net"),
+])
+def test_bad_model_or_peer_is_a_one_line_error(argv, message, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
