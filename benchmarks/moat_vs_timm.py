@@ -137,8 +137,10 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         "# MOAT vs timm peers on CPU",
         "",
         f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, timm {meta['timm']}; "
-        f"eval + `torch.inference_mode()`, bf16 = `torch.autocast('cpu', bfloat16)` per forward; "
-        f"memory format for every model: **{'channels_last' if meta['channels_last'] else 'contiguous'}** "
+        f"eval + `torch.inference_mode()`, bf16 = "
+        + ("every model's weights and inputs cast to bfloat16 (ours after BN folding in fp32); "
+           if meta.get("bf16") == "cast" else "`torch.autocast('cpu', bfloat16)` per forward; ")
+        + f"memory format for every model: **{'channels_last' if meta['channels_last'] else 'contiguous'}** "
         f"({meta['memory_format_choice']}). Latency: batch 1, median and p90 of {meta['iters']} runs; "
         f"throughput: batch {meta['batch']}, median of {meta['batch_iters']} runs; all models "
         f"interleaved over {meta['rounds']} rounds in one process after {meta['warmup']} warm-up runs. "
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default=None,
                    help="default: auto (timed) for a full run, channels_last with --quick")
+    p.add_argument("--no-eager", dest="eager", action="store_false",
+                   help="leave out the unfused `eager:` rows (about halves the run)")
     p.add_argument("--no-wait-idle", dest="wait_idle", action="store_false",
                    help="do not wait for other processes to go quiet before each timed chunk")
     args = p.parse_args(argv)
@@ -207,12 +211,12 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else FULL
     waiter = IdleWaiter() if args.wait_idle else None
     t0 = time.time()
-    rows = benchmark(MODELS + EAGER, PEERS, args.img_size, args.threads, args.precisions, args.batch,
+    rows = benchmark(MODELS + (EAGER if args.eager else []), PEERS, args.img_size, args.threads, args.precisions, args.batch,
                      channels_last=channels_last, log=log, pause=waiter, **settings)
     meta = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__, timm=timm.__version__,
                 python=platform.python_version(), batch=args.batch, img_size=args.img_size,
                 channels_last=channels_last, memory_format_choice=choice, memory_format_probe=probe,
-                quick=args.quick, seconds=round(time.time() - t0, 1), loadavg_before=load_before,
+                quick=args.quick, seconds=round(time.time() - t0, 1), loadavg_before=load_before, bf16="cast",
                 loadavg_after=[round(x, 2) for x in os.getloadavg()],
                 idle_wait=waiter.summary() if waiter else None, **settings)
     goals = check_goals(rows)

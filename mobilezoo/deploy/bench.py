@@ -1,7 +1,8 @@
 """CPU inference benchmark: latency, throughput, peak memory and achieved GMAC/s, ours vs timm peers.
 
 Every model runs in eval mode under `torch.inference_mode()` with `torch.set_num_threads(threads)`;
-"bf16" wraps each forward in `torch.autocast("cpu", dtype=torch.bfloat16)` (weights stay fp32).
+"bf16" runs a copy of the model with its weights cast to bfloat16 on bfloat16 inputs (ours after
+BN folding in fp32), as a bf16 deployment does; every model, ours and the peers, runs the same way.
 `benchmark` builds all models first and then times them in interleaved rounds in one process, so
 drifting clock speeds or noisy neighbours hit ours and the peers alike; `iters` batch-1 and
 `batch_iters` batch-`batch` runs per model and precision are split over the rounds, and an
@@ -19,6 +20,7 @@ Row fields:
 """
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import re
@@ -136,13 +138,24 @@ class _Runner:
             from mobilezoo.layers.fuse import fuse_for_inference
             self.model = fuse_for_inference(self.model).to(memory_format=fmt)
         self.channels_last = channels_last
+        self.bf16 = None  # built on first use: weights cast to bfloat16 after fusion
         self.lat: dict[str, list[float]] = {}
         self.bat: dict[str, list[float]] = {}
         self.mem: dict[str, float | None] = {}
 
     def forward(self, x: torch.Tensor, precision: str) -> None:
-        with torch.inference_mode(), _autocast(precision):
-            self.model(x)
+        """One forward of `x` (self.x1 or self.xb). bf16: weights and activations in bfloat16, as a
+        bf16 deployment runs (autocast would re-cast every weight and upcast LayerNorm each call)."""
+        _autocast(precision)  # validates
+        model = self.model
+        if precision == "bf16":
+            if self.bf16 is None:
+                fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                self.bf16 = (copy.deepcopy(self.model).to(torch.bfloat16).to(memory_format=fmt),
+                             {id(self.x1): self.x1.bfloat16(), id(self.xb): self.xb.bfloat16()})
+            model, x = self.bf16[0], self.bf16[1][id(x)]
+        with torch.inference_mode():
+            model(x)
 
     def time(self, precision: str, n1: int, nb: int) -> None:
         for x, n, out in ((self.x1, n1, self.lat), (self.xb, nb, self.bat)):

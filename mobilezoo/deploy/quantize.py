@@ -124,7 +124,10 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mobilezoo_int8_") as tmp:
         pre, cache = Path(tmp) / "preprocessed.onnx", Path(tmp) / "ranges.json"
-        quant_pre_process(str(src), str(pre))
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:  # noqa: BLE001 - e.g. dynamic volume sides defeat ORT's symbolic shape inference
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         calibrate = _calibrate(pre, reader, method, op_types, percentile, num_bins, Path(tmp), cache)
         quantize_static(str(pre), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                         per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
