@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else FULL
     waiter = IdleWaiter() if args.wait_idle else None
     t0 = time.time()
-    rows = benchmark(MODELS + (EAGER if args.eager else []), PEERS, args.img_size, args.threads, args.precisions, args.batch,
+    models = MODELS + (EAGER if args.eager else [])
+    rows = benchmark(models, PEERS, args.img_size, args.threads, args.precisions, args.batch,
                      channels_last=channels_last, log=log, pause=waiter, **settings)
     meta = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__, timm=timm.__version__,
                 python=platform.python_version(), batch=args.batch, img_size=args.img_size,
