@@ -183,7 +183,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from .deploy.export import check_onnx, export_onnx
-    from .deploy.quantize import quantize_int8
+    from .deploy.quantize import quantize_int8, split_for_calibration
     from .engine import load_run
     src = Path(args.source)
     if not (src / "config.yaml").is_file():
@@ -203,8 +203,7 @@ def cmd_export(args) -> int:
           f"{recipe.data.name}: {json.dumps(parity)}")
     if args.int8:
         calib = task.example_inputs(args.calib_samples)
-        batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
-        q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), batches)
+        q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), split_for_calibration(calib))
         print(f"wrote {q} ({q.stat().st_size / out.stat().st_size:.2f}x the fp32 size), calibrated on "
               f"{len(calib)} training samples of {recipe.data.name}")
         if args.compare:  # the accuracy and speed change on the val split

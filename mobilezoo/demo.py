@@ -85,7 +85,7 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
     evaluated on the val split (the INT8 accuracy change). Returns (rows, export summary)."""
     from .deploy.compare import compare_onnx
     from .deploy.export import export_onnx
-    from .deploy.quantize import quantize_int8
+    from .deploy.quantize import quantize_int8, split_for_calibration
     from .layers.fuse import fuse_for_inference
     model = model.eval().float()
     x = torch.randn(shape)
@@ -98,7 +98,7 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
     # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
     summary = export_onnx(model, _real_input(task, shape), onnx_path, task=name, detector_mode="raw")
     calib = task.example_inputs(8 if runs < 10 else 64)
-    quantize_int8(onnx_path, int8_path, [calib[i:i + 8] for i in range(0, len(calib), 8)])
+    quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
     compared = compare_onnx(recipe, task, {"fp32": onnx_path, "int8": int8_path}, runs=runs)
     for label, r in compared["rows"].items():
         rows.append({"task": name, "runtime": f"ONNX Runtime {label}", "ms": r["latency_ms"],

@@ -12,11 +12,12 @@ Peers run in PyTorch fp32 and bf16, as their libraries build them: timm:NAME[@SI
 tv:NAME (torchvision detection / video models), monai:SegResNet (MONAI's BraTS network).
 
 Per row: batch-1 latency (median and p90), throughput at the family's batch, peak memory (rise of the
-process RSS high-water mark during the first batch forward, before any warm-up, so ONNX Runtime's arena
-is counted), achieved GMAC/s (MACs of the unfused network x throughput) and its fraction of this
-machine's fp32 matrix-multiply peak, measured in the same run. Detectors are timed as networks (up to
-the raw box and class outputs, as their INT8 graph is); `bench_detect` times them end to end. All cells
-are timed interleaved over the rounds so noise hits every model and runtime alike.
+process RSS high-water mark during the first batch forward; ONNX Runtime runs without its memory arena
+here, so its activations are allocated and freed per run as PyTorch's are), achieved GMAC/s (MACs of
+the unfused network x throughput) and its fraction of this machine's fp32 matrix-multiply peak,
+measured in the same run. Detectors are timed as networks (up to the raw box and class outputs, as
+their INT8 graph is); `bench_detect` times them end to end. All cells are timed interleaved over the
+rounds so noise hits every model and runtime alike.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ..models import create_model, get_entry
-from .bench import _autocast, _peak_rss_delta_mb, _quantile
+from .bench import _autocast, _peak_rss_delta_mb, _proc_status_kb, _quantile
 from .profile import count_macs, count_params, matmul_peak_gflops
 
 RUNTIMES = ("eager", "fp32", "bf16", "ort", "int8")
@@ -166,7 +167,7 @@ def _ort_cells(spec, family, model, shape, batch, runtimes, threads, tmp: Path, 
             skipped.append({"model": spec, "runtime": "int8", "reason": f"quantization failed: {e}"})
     for rt, path in paths.items():
         if rt in runtimes:
-            session = OrtModel(path, threads=threads)
+            session = OrtModel(path, threads=threads, arena=False)  # ~60 sessions and models share the RAM
             cells.append(_Cell(spec, rt, run=session.run, x1=x1, xb=xb, **base))
     return cells
 
@@ -262,6 +263,7 @@ def runtime_benchmark(models: list[str], peers: list[str] = (), runtimes=RUNTIME
                 for c in new:  # first batch forward: memory before any warm-up grows the caches
                     c.mem = _peak_rss_delta_mb(lambda c=c: c.run(c.xb))
                 cells += new
+                log(f"  resident set now {_proc_status_kb('VmRSS') / 2**20:.1f} GiB")
             plan = {}
             for c in cells:
                 log(f"warm up {c.model} {c.runtime}")

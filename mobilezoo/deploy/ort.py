@@ -61,10 +61,13 @@ class DetectionDecoder:
         return SSDLite.postprocess(self, regression, logits, self.anchors, tuple(image_size))
 
 
-def session_options(threads: int | None = None):
-    """SessionOptions with `threads` intra-op threads (None: ONNX Runtime's default) and one inter-op."""
+def session_options(threads: int | None = None, arena: bool = True):
+    """SessionOptions with `threads` intra-op threads (None: ONNX Runtime's default) and one inter-op;
+    `arena=False` returns activation memory after each run instead of keeping ONNX Runtime's pool
+    (many sessions in one process, e.g. a benchmark)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
@@ -75,13 +78,14 @@ def session_options(threads: int | None = None):
 class OrtModel:
     """An onnxruntime InferenceSession usable where the torch model is used in eval/predict."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 arena: bool = True):
         import onnxruntime as ort
         self.path = Path(path)
         if not self.path.is_file():
             raise OnnxModelError(f"{self.path}: ONNX file not found")
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+            self.session = ort.InferenceSession(str(self.path), session_options(threads, arena),
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for corrupt or unsupported files
             raise OnnxModelError(f"{self.path}: cannot load the ONNX model ({str(e).splitlines()[0]})") from None

@@ -42,6 +42,17 @@ def _to_numpy(v) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
+class _OneInput:
+    """A CalibrationDataReader that hands out one input dict."""
+
+    def __init__(self, item: dict):
+        self.item = item
+
+    def get_next(self) -> dict | None:
+        item, self.item = self.item, None
+        return item
+
+
 class BatchReader:
     """A CalibrationDataReader over batches (arrays, tensors or {input name: array} dicts).
 
@@ -84,6 +95,15 @@ class BatchReader:
         if item is None:
             raise StopIteration
         return item
+
+
+def split_for_calibration(samples: torch.Tensor, max_batch: int = 8,
+                          max_elements: float = 2e6) -> list[torch.Tensor]:
+    """Split calibration samples into batches of at most `max_batch` and about `max_elements` input
+    values: the calibrator holds every intermediate tensor of a batch, so a batch of 3-D volumes must
+    be small."""
+    step = max(1, min(max_batch, int(max_elements // max(samples[0].numel(), 1))))
+    return [samples[i:i + step] for i in range(0, len(samples), step)]
 
 
 def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_batches: Iterable,
@@ -156,13 +176,18 @@ def _calibrate(model: Path, reader: BatchReader, method: str, op_types, percenti
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
-    options = {"minmax": {}, "percentile": {"percentile": percentile, "num_bins": num_bins or 2048},
+    options = {"minmax": {},
+               "percentile": {"percentile": percentile, "num_bins": num_bins or 2048},
                "entropy": {"num_bins": num_bins or 512, "num_quantized_bins": 128}}[method]
     if op_types is None:  # what quantize_static takes for "every type" in QDQ mode
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
         op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     calibrator = create_calibrator(model, list(op_types), augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=calibrate, extra_options=options)
-    calibrator.collect_data(reader)
+    # One batch per collect_data call: each call folds its batch into the ranges (or histograms) and
+    # drops the batch's intermediate tensors; one call over every batch would hold them all at once,
+    # more memory than this machine has for 3-D volumes.
+    while (item := reader.get_next()) is not None:
+        calibrator.collect_data(_OneInput(item))
     save_tensors_data(calibrator.compute_data(), cache)
     return calibrate

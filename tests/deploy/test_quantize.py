@@ -152,3 +152,11 @@ def test_refusals(int8_classifier, tmp_path):
         quantize_int8(int8, tmp_path / "q.onnx", [digit_images(0, 1)])
     with pytest.raises(QuantizationError, match="missing.onnx: ONNX file not found"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "q.onnx", [])
+
+
+def test_calibration_batches_shrink_for_large_inputs_and_keep_every_sample():
+    from mobilezoo.deploy.quantize import split_for_calibration
+    images = torch.zeros(20, 3, 32, 32)
+    assert [len(b) for b in split_for_calibration(images)] == [8, 8, 4]
+    volumes = torch.zeros(5, 4, 96, 96, 96)  # 3.5M values each: one per batch
+    assert [len(b) for b in split_for_calibration(volumes)] == [1] * 5
