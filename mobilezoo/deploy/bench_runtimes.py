@@ -3,7 +3,8 @@
 Runtimes (each model runs in every one that applies):
   eager   PyTorch fp32, the model as trained (unfused, contiguous): the reference
   fp32    PyTorch fp32 as deployed: `fuse_for_inference` (BN folded, activations and SE gates fused)
-  bf16    the same under `torch.autocast("cpu", bfloat16)` (reversible sequences stay fp32)
+  bf16    the same with bfloat16 weights on bfloat16 inputs (3-D volumes: under `torch.autocast`, which
+          keeps the reversible sequences in fp32)
   ort     ONNX Runtime fp32 on the `export_onnx` graph (parity with PyTorch checked at export)
   int8    ONNX Runtime on the static INT8 (QDQ) file from `quantize_int8`, calibrated here on random
           inputs: the speed of the quantized graph; the accuracy change is measured on the task's
@@ -21,6 +22,7 @@ rounds so noise hits every model and runtime alike.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -36,7 +38,6 @@ from .bench import _autocast, _peak_rss_delta_mb, _proc_status_kb, _quantile
 from .profile import count_macs, count_params, matmul_peak_gflops
 
 RUNTIMES = ("eager", "fp32", "bf16", "ort", "int8")
-PEER_RUNTIMES = ("fp32", "bf16")
 LABELS = {"eager": "PyTorch fp32 eager", "fp32": "PyTorch fp32", "bf16": "PyTorch bf16",
           "ort": "ORT fp32", "int8": "ORT INT8"}
 # task -> (batch-1 input shape without the batch, throughput batch); video: (C, T, H, W)
@@ -191,33 +192,33 @@ def _cells_for(spec: str, runtimes, threads: int, quick: bool, tmp: Path, log, s
         weights = torch.channels_last_3d if family == "segment3d" else torch.channels_last
         fused = fuse_for_inference(model).to(memory_format=weights)
         cx1, cxb = _inputs(shape, batch, family, channels_last=True)
-        for p in ("fp32", "bf16"):
-            if p in runtimes:
-                cells.append(_Cell(spec, p, run=_torch_runner(_network(fused, family), p),
-                                   x1=cx1, xb=cxb, **base))
+        if "fp32" in runtimes:
+            cells.append(_Cell(spec, "fp32", run=_torch_runner(_network(fused, family), "fp32"),
+                               x1=cx1, xb=cxb, **base))
+        if "bf16" in runtimes:
+            run, bx1, bxb = _bf16(fused, lambda m: _network(m, family), cx1, cxb, family)
+            cells.append(_Cell(spec, "bf16", run=run, x1=bx1, xb=bxb, **base))
     if {"ort", "int8"} & set(runtimes):
         cells += _ort_cells(spec, family, model, shape, batch, runtimes, threads, tmp, base, log, skipped)
     return cells
 
 
 def _peer_cells(spec, src, name, family, shape, batch, quick) -> list[_Cell]:
+    network = lambda m: m  # noqa: E731 - what is timed, given the model
     if src == "timm":
         import timm
         name, _, size = name.partition("@")
         model = timm.create_model(name, pretrained=False).eval()  # random init: nothing is downloaded
         if size and not quick:
             shape = (3, int(size), int(size))
-        net = model
     elif src == "monai":
         from monai.networks.nets import SegResNet
         model = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=16,
                           blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)).eval()  # the MONAI BraTS tutorial's
-        net = model
     elif family == "detect":
         from torchvision.models.detection import ssdlite320_mobilenet_v3_large
         model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91).eval()
-        def net(x):  # backbone + extra layers + heads: the raw outputs, as ours are timed
-            return model.head(list(model.backbone(x).values()))
+        network = _tv_detector_network
     else:
         import torchvision.models.video as tvv
 
@@ -226,10 +227,26 @@ def _peer_cells(spec, src, name, family, shape, batch, quick) -> list[_Cell]:
         if not quick:
             t, s, _ = TORCHVISION[spec]
             shape = (3, t, s, s)
-        net = model
     x1, xb = _inputs(shape, batch, family, channels_last=False)
-    base = dict(family=family, source=src, params=count_params(model), macs=count_macs(net, x1), batch=batch)
-    return [_Cell(spec, p, run=_torch_runner(net, p), x1=x1, xb=xb, **base) for p in PEER_RUNTIMES]
+    base = dict(family=family, source=src, params=count_params(model), macs=count_macs(network(model), x1),
+                batch=batch)
+    run, bx1, bxb = _bf16(model, network, x1, xb, family)
+    return [_Cell(spec, "fp32", run=_torch_runner(network(model), "fp32"), x1=x1, xb=xb, **base),
+            _Cell(spec, "bf16", run=run, x1=bx1, xb=bxb, **base)]
+
+
+def _tv_detector_network(model):
+    """torchvision SSDLite's backbone + extra layers + heads: the raw outputs, as ours are timed."""
+    return lambda x: model.head(list(model.backbone(x).values()))
+
+
+def _bf16(model, network, x1, xb, family):
+    """(runner, x1, xb) of the bf16 cell: a copy of `model` with bfloat16 weights on bfloat16 inputs, as a
+    bf16 deployment runs; volumes run under autocast instead, which keeps reversible sequences in fp32."""
+    if family == "segment3d":
+        return _torch_runner(network(model), "bf16"), x1, xb
+    copy16 = copy.deepcopy(model).to(torch.bfloat16)
+    return _torch_runner(network(copy16), "fp32"), x1.bfloat16(), xb.bfloat16()
 
 
 def _timed(fn, x) -> float:
