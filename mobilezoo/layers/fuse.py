@@ -47,6 +47,9 @@ class FusedConvAct(nn.Module):
         self.post_op = _POST_OPS[type(act)](act)
         self._packed: dict = {}  # (dtype, input shape, weight version) -> weight in oneDNN's blocked layout
 
+    def __getstate__(self):  # copies and pickles drop the prepacked weights (oneDNN tensors have no storage)
+        return {**self.__dict__, "_packed": {}}
+
     def _weight_and_padding(self, x: torch.Tensor):
         conv = self.conv
         if not (isinstance(conv, Conv2dSame) and conv.dynamic):
@@ -68,7 +71,8 @@ class FusedConvAct(nn.Module):
             dtype = torch.get_autocast_dtype("cpu")
             x, b = x.to(dtype), None if b is None else b.to(dtype)
         stride, dilation, groups = list(self.conv.stride), list(self.conv.dilation), self.conv.groups
-        key = (x.dtype, tuple(x.shape), self.conv.weight._version)
+        weight = self.conv.weight  # an inference-mode copy has no version counter (and cannot change)
+        key = (x.dtype, tuple(x.shape), 0 if weight.is_inference() else weight._version)
         if key not in self._packed:  # reordering the weight on every call costs up to 1/3 of the conv
             if len(self._packed) >= 4:
                 self._packed.clear()

@@ -126,3 +126,15 @@ def test_fused_squeezetime_equals_the_original():
     with torch.inference_mode():
         ref = model(x)
         torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_a_used_fused_model_can_be_copied_and_cast_to_bf16():
+    """Prepacked oneDNN weights have no storage: copies drop them and repack for their own dtype."""
+    import copy
+    torch.manual_seed(0)
+    fused = fuse_for_inference(create_model("tiny_moat_0", num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = fused(x)
+        bf16 = copy.deepcopy(fused).to(torch.bfloat16)
+        assert torch.equal(bf16(x.bfloat16()).argmax(1), ref.argmax(1))
