@@ -71,13 +71,6 @@ def _time_ms(fn, x, runs: int) -> float:
     return statistics.median(times)
 
 
-def _real_input(task, shape: tuple[int, ...]) -> torch.Tensor:
-    """One training sample with evaluation transforms (the task's own data), as a batch of 1."""
-    sample = task.calibration_dataset()[0]
-    x = next(v for v in sample.values() if isinstance(v, torch.Tensor) and v.dim() == len(shape) - 1)
-    return x[None].float()
-
-
 def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path,
             runs: int) -> tuple[list[dict], dict]:
     """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime fp32 and INT8 after
@@ -96,7 +89,7 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
         rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": _time_ms(fused, x, runs)})
     onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
-    summary = export_onnx(model, _real_input(task, shape), onnx_path, task=name, detector_mode="raw")
+    summary = export_onnx(model, task.example_inputs(1), onnx_path, task=name, detector_mode="raw")
     calib = task.example_inputs(8 if runs < 10 else 64)
     quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
     compared = compare_onnx(recipe, task, {"fp32": onnx_path, "int8": int8_path}, runs=runs)

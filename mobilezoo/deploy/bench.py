@@ -21,6 +21,7 @@ Row fields:
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import math
 import re
@@ -102,8 +103,15 @@ def _proc_status_kb(field: str) -> int:
 
 
 def _peak_rss_delta_mb(fn: Callable[[], object]) -> float | None:
-    """Run `fn` once; the rise of the resident-set high-water mark over the current RSS, in MB."""
+    """Run `fn` once; the rise of the resident-set high-water mark over the current RSS, in MB.
+
+    Freed heap is returned to the OS first (glibc `malloc_trim`): pages that earlier, larger runs
+    left resident would otherwise absorb this run's allocations without raising the RSS."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)

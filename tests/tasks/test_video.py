@@ -430,3 +430,12 @@ def test_fit_runs_on_motion_and_writes_the_report(motion_root, tmp_path):
     assert (run / "confusion.png").is_file() and "confusion matrix" in (run / "report.md").read_text()
     model = task.build_model()
     assert model(torch.zeros(2, 3, 16, 64, 64)).shape == (2, 8)
+
+
+def test_example_inputs_are_single_view_clips_the_network_takes(index_root):
+    """Export parity, INT8 calibration and latency run on (N, C, T, H, W) clips, not view stacks."""
+    task = VideoTask(recipe(index_root))
+    x = task.example_inputs(2)
+    assert x.shape == (2, 3, 8, 32, 32)
+    torch.testing.assert_close(x[0], task.calibration_dataset()[0]["video"][0].float())
+    assert task.build_model().eval()(x).shape[0] == 2

@@ -119,6 +119,10 @@ class VideoTask(Task):
     def calibration_dataset(self):
         return self._split("train", False, "val", self.recipe.data.limit_train)
 
+    def example_inputs(self, count: int) -> torch.Tensor:
+        """`count` single-view clips (N, C, T, H, W): the network's input, without the views axis."""
+        return super().example_inputs(count).flatten(0, 1)[:count]
+
     @property
     def num_classes(self) -> int:
         """Number of classes (from the data if not yet known)."""
