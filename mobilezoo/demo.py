@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,34 +58,22 @@ DEMOS: dict[str, DemoTask] = {
 }
 
 
-def _time_ms(fn, x, runs: int) -> float:
-    with torch.inference_mode():
-        for _ in range(2):
-            fn(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path,
             runs: int) -> tuple[list[dict], dict]:
     """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime fp32 and INT8 after
     an export whose parity with PyTorch is checked on a real sample; both ONNX files are also
     evaluated on the val split (the INT8 accuracy change). Returns (rows, export summary)."""
-    from .deploy.compare import compare_onnx
+    from .deploy.compare import batch1_latency_ms, compare_onnx
     from .deploy.export import export_onnx
     from .deploy.quantize import quantize_int8, split_for_calibration
     from .layers.fuse import fuse_for_inference
     model = model.eval().float()
     x = torch.randn(shape)
-    rows = [{"task": name, "runtime": "PyTorch fp32 eager", "ms": _time_ms(model, x, runs)}]
+    rows = [{"task": name, "runtime": "PyTorch fp32 eager", "ms": batch1_latency_ms(model, x, runs)}]
     fused = fuse_for_inference(model)
-    rows.append({"task": name, "runtime": "PyTorch fp32 fused", "ms": _time_ms(fused, x, runs)})
+    rows.append({"task": name, "runtime": "PyTorch fp32 fused", "ms": batch1_latency_ms(fused, x, runs)})
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": _time_ms(fused, x, runs)})
+        rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": batch1_latency_ms(fused, x, runs)})
     onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
     summary = export_onnx(model, task.example_inputs(1), onnx_path, task=name, detector_mode="raw")
