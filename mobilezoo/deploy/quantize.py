@@ -14,7 +14,9 @@ boxes. A full-mode file (decoding + NMS inside) is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -123,7 +125,7 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    src, out = Path(fp32_onnx_path), Path(out_path)
+    src, out = Path(fp32_onnx_path).absolute(), Path(out_path).absolute()
     if method not in METHODS:
         raise QuantizationError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     if not src.is_file():
@@ -144,10 +146,13 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mobilezoo_int8_") as tmp:
         pre, cache = Path(tmp) / "preprocessed.onnx", Path(tmp) / "ranges.json"
-        try:
-            quant_pre_process(str(src), str(pre))
-        except Exception:  # noqa: BLE001 - e.g. dynamic volume sides defeat ORT's symbolic shape inference
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        # ORT's symbolic shape inference saves its partial model into the working directory when it
+        # gives up (e.g. on dynamic volume sides): run it inside the temporary directory instead.
+        with _working_dir(tmp):
+            try:
+                quant_pre_process(str(src), str(pre))
+            except Exception:  # noqa: BLE001 - fall back to ONNX's own shape inference
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         calibrate = _calibrate(pre, reader, method, op_types, percentile, num_bins, Path(tmp), cache)
         quantize_static(str(pre), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                         per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
@@ -164,6 +169,16 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
     if anchors_path(src).is_file():
         shutil.copyfile(anchors_path(src), anchors_path(out))
     return out
+
+
+@contextlib.contextmanager
+def _working_dir(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _calibrate(model: Path, reader: BatchReader, method: str, op_types, percentile: float, num_bins: int | None,

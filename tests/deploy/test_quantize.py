@@ -160,3 +160,19 @@ def test_calibration_batches_shrink_for_large_inputs_and_keep_every_sample():
     assert [len(b) for b in split_for_calibration(images)] == [8, 8, 4]
     volumes = torch.zeros(5, 4, 96, 96, 96)  # 3.5M values each: one per batch
     assert [len(b) for b in split_for_calibration(volumes)] == [1] * 5
+
+
+def test_int8_volume_with_dynamic_sides_leaves_working_directory_clean(tmp_path, monkeypatch):
+    """ORT's symbolic shape inference gives up on dynamic volume sides and saves its partial model
+    into the working directory; quantization must keep that inside its temporary directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    torch.manual_seed(0)
+    model = create_model("revunet3d", num_classes=3).eval()
+    volumes = torch.randn(2, 4, 32, 32, 32)
+    export_onnx(model, volumes[:1], tmp_path / "f.onnx", "segment3d", dynamic_spatial=True, check=False)
+    out = quantize_int8(tmp_path / "f.onnx", "q.onnx", [volumes])
+    assert sorted(p.name for p in cwd.iterdir()) == ["q.onnx"]
+    logits = OrtModel(out)(volumes[:1].numpy())
+    assert logits.shape == (1, 3, 32, 32, 32)
