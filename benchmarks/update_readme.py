@@ -45,8 +45,13 @@ def _memory(result: dict) -> str:
     return format_markdown(result)
 
 
+def _search(result: dict) -> str:
+    from search_vs_random import format_markdown
+    return format_markdown(result)
+
+
 RENDER = {"runtimes": _runtimes, "moat_vs_timm": _moat, "detectors": _detectors, "video": _video,
-          "revunet_memory": _memory}
+          "revunet_memory": _memory, "search_vs_random": _search}
 
 
 def update(readme: str, results: Path) -> str:

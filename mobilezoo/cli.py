@@ -291,6 +291,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from .engine import resolve_device
     from .nas import fit_latency_model, run_search
     if args.action == "latency-model":
         report = fit_latency_model(runtime=args.runtime, threads=args.threads, samples=args.samples,
@@ -302,7 +303,8 @@ def cmd_search(args) -> int:
         raise UserError("search needs --target-ms and --latency-model (make one with `mobilezoo search latency-model`)")
     arch = run_search(data=args.data, target_ms=args.target_ms, steps=args.steps, out_dir=args.out or "runs/search",
                       resume=args.resume, space=args.space, latency_model=args.latency_model, img_size=args.img_size,
-                      threads=args.threads, stop_after=args.stop_after)
+                      threads=args.threads, stop_after=args.stop_after, workers=args.workers,
+                      device=str(resolve_device(args.device)))
     print(f"searched architecture: {arch} (train it: mobilezoo train detect_shapes --arch {arch})")
     return 0
 
@@ -421,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch", help="latency-model runtime")
     s.add_argument("--samples", type=int, default=80, help="latency-model: architectures measured")
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the search trains")
+    s.add_argument("--workers", type=int, default=0, help="search: loader processes building batches ahead")
     s.add_argument("--out", help="search: output folder (default runs/search); latency-model: JSON path")
     s.set_defaults(fn=cmd_search)
 

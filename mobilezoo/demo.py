@@ -53,7 +53,7 @@ DEMOS: dict[str, DemoTask] = {
     # The accuracy recipe (40 epochs, ~99% on 8 motion classes) takes ~4 min on 2 cores.
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
                       (),
-                      ("train.epochs=1", "data.limit_train=16", "data.limit_val=8"),
+                      ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8"),
                       lambda r: (1, 3, r.data.augment.get("clip_len", 16), r.data.img_size, r.data.img_size)),
 }
 

@@ -29,3 +29,17 @@ def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
 def test_demo_unknown_task_is_a_one_line_error(tmp_path, capsys):
     assert main(["demo", "--task", "segmentation", "--out", str(tmp_path)]) == 2
     assert "segment3d" in capsys.readouterr().err  # the valid names are listed
+
+
+def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
+    """Every task's quick settings fit its data (the video task's batch once exceeded its subset)."""
+    monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--out", str(out)]
+    assert main([*args, "--task", "detect", "--task", "segment3d", "--task", "video"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = {"detect": ("map", 8), "segment3d": ("dice", 2), "video": ("top1", 8)}
+    for name, (metric, count) in expected.items():
+        int8 = results[name]["int8"]
+        assert int8["metric"] == metric and int8["rows"]["fp32"]["count"] == count, name
+        assert (out / name / "model.int8.onnx").is_file()

@@ -64,13 +64,38 @@ def split_train(data: str, img_size: int, reward_fraction: float, limit_train: i
 
 
 def batch_at(dataset, step: int, batch_size: int, seed: int) -> dict:
-    """The batch of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch)."""
-    n, idx = len(dataset), []
-    for k in range(step * batch_size, (step + 1) * batch_size):
+    """The batch of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch), each
+    sample augmented under its own seed (seed, step, slot), so the batch is the same whichever process
+    builds it and whenever (a resumed search is the same search, with or without loader workers)."""
+    n, items = len(dataset), []
+    for slot, k in enumerate(range(step * batch_size, (step + 1) * batch_size)):
         epoch, i = divmod(k, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        idx.append(int(perm[i]))
-    return collate_detection([dataset[i] for i in idx])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 1000003 + step) * 1009 + slot)
+            items.append(dataset[int(perm[i])])
+    return collate_detection(items)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """`batch_at` as a dataset indexed by step, for a DataLoader that builds batches ahead in workers."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> dict:
+        return batch_at(self.dataset, step, self.batch_size, self.seed)
+
+
+def step_batches(dataset, steps: range, batch_size: int, seed: int, workers: int):
+    """The batches of `steps` in order; built ahead by `workers` processes when > 0."""
+    if workers <= 0:
+        return (batch_at(dataset, s, batch_size, seed) for s in steps)
+    return iter(torch.utils.data.DataLoader(StepBatches(dataset, batch_size, seed), batch_size=None, sampler=steps,
+                                            num_workers=workers, prefetch_factor=4))
 
 
 def _plot_probs(history: list[dict], decisions, path: Path) -> None:
@@ -123,8 +148,11 @@ def run_search(data: str = "shapes", target_ms: float = 50.0, steps: int = 1000,
                lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 4e-5, controller_lr: float = 5e-3,
                rl_warmup: float = 0.25, reward_fraction: float = 0.1, limit_train: int | None = None,
                seed: int = 0, ckpt_every: int = 50, prob_every: int | None = None, device: str = "cpu",
-               threads: int | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
+               threads: int | None = None, progress: bool = True, stop_after: int | None = None,
+               workers: int = 0) -> Path:
     """Run (or resume) a search; returns the path of the final architecture JSON (out_dir/arch.json).
+
+    `workers` > 0 builds the training and reward batches ahead in that many loader processes each.
 
     `stop_after` ends the run at that step with a checkpoint, as an interruption would."""
     from tqdm import tqdm
@@ -184,11 +212,13 @@ def run_search(data: str = "shapes", target_ms: float = 50.0, steps: int = 1000,
     warm_steps = int(rl_warmup * steps)
     end = steps if stop_after is None else min(steps, stop_after)
     bar = tqdm(range(start, end), desc="search", disable=not progress, initial=start, total=end)
+    train_batches = step_batches(train_set, range(start, end), batch_size, seed, workers)
+    reward_batches = step_batches(reward_set, range(start, end), reward_batch_size, seed + 1, workers)
     for step in bar:
         choices = controller.sample(gen)
         net.train()
         net.update_stats = True
-        batch = batch_at(train_set, step, batch_size, seed)
+        batch = next(train_batches)
         losses = net(batch["image"].to(dev), [{k: v.to(dev) for k, v in t.items()} for t in batch["target"]],
                      choices)
         loss = sum(losses.values())
@@ -201,7 +231,7 @@ def run_search(data: str = "shapes", target_ms: float = 50.0, steps: int = 1000,
         sched.step()
         with torch.no_grad():
             net.update_stats = False
-            rb = batch_at(reward_set, step, reward_batch_size, seed + 1)
+            rb = next(reward_batches)
             r_losses = net(rb["image"].to(dev), [{k: v.to(dev) for k, v in t.items()} for t in rb["target"]],
                            choices)
             quality = -float(sum(r_losses.values()))

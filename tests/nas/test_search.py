@@ -57,7 +57,7 @@ def test_tiny_search_end_to_end_and_resumable(tmp_path, shapes_root, tiny_space)
     _run(shapes_root, tmp_path / "b", space, lat_path, stop_after=2)
     with pytest.raises(UserError, match="resume"):
         _run(shapes_root, tmp_path / "b", space, lat_path)
-    resumed = _run(shapes_root, tmp_path / "b", space, lat_path, resume=True)
+    resumed = _run(shapes_root, tmp_path / "b", space, lat_path, resume=True, workers=1)  # same batches in a worker
     state_a, logits_a = _controller_logits(tmp_path / "a")
     state_b, logits_b = _controller_logits(tmp_path / "b")
     assert state_a["step"] == state_b["step"] == 4
