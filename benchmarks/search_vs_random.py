@@ -115,21 +115,34 @@ def run(args) -> dict:
         if not path.is_file():
             save_arch(to_arch(space, c), path, random={"seed": args.seed, "index": i})
         archs.append(path)
+    if args.archs == "searched":
+        archs = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        searched = pool.submit(search_and_train, args, work)
+        searched = pool.submit(search_and_train, args, work) if args.archs != "random" else None
         randoms = [pool.submit(train, args, a, work) for a in archs]
-        rows = dict([searched.result()])
+        rows = dict([searched.result()] if searched else [])
         rows.update(zip(archs, (f.result() for f in randoms)))
+    device = args.training_device or args.device
     result_rows = []
     for path, m in rows.items():
         choices = from_arch(space, json.loads(path.read_text())["layers"])
         result_rows.append({"name": _name(path),
                             "predicted_ms": lat_model.predict(choices), "map": m["val_map"], "ap50": m["val_ap50"],
-                            "epochs": m["epoch"], "choices": choices})
+                            "epochs": m["epoch"], "trained_on": device, "choices": choices})
     meta = {k: getattr(args, k) for k in ("target_ms", "steps", "tolerance", "seed", "recipe", "epochs", "set", "data")}
     meta.update(space=space.name, latency_model=Path(args.latency_model).name, runtime=lat_model.meta.get("runtime"),
-                threads=lat_model.meta.get("threads"), training_device=args.training_device or args.device)
+                threads=lat_model.meta.get("threads"))
     return {"meta": meta, "rows": result_rows}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """`new` plus the rows of `old` that `new` did not train (a benchmark split across machines)."""
+    same = [k for k in new["meta"] if k != "steps"]  # the search's length does not change the random rows
+    if any(old["meta"].get(k) != new["meta"][k] for k in same):
+        raise SystemExit("cannot merge: the existing results were made with other settings "
+                         f"({old['meta']} vs {new['meta']})")
+    names = {r["name"] for r in new["rows"]}
+    return {**new, "rows": new["rows"] + [r for r in old["rows"] if r["name"] not in names]}
 
 
 def add_latency(result: dict, lat_model: LatencyModel) -> dict:
@@ -159,12 +172,14 @@ def format_markdown(result: dict) -> str:
     lines = [f"Search for {m['target_ms']:g} ms ({m['space']}, {m['steps']} steps, cost model `{m['latency_model']}`: "
              f"{m['runtime']}, {m['threads']} threads); {s['of']} random architectures drawn uniformly from the same "
              f"space with a predicted latency within {m['tolerance']:.0%} of the target; all trained with "
-             f"`{m['recipe']}` ({result['rows'][0]['epochs']} epochs, same seed, on {m['training_device']}).", "",
-             "| architecture | predicted ms | measured ms | val mAP | AP50 |", "|---|---:|---:|---:|---:|"]
+             f"`{m['recipe']}` ({result['rows'][0]['epochs']} epochs, same seed).", "",
+             "| architecture | predicted ms | measured ms | val mAP | AP50 | trained on |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["name"] != "searched", -r["map"])):
         ms = f"{r['measured_ms']:.1f}" if "measured_ms" in r else "-"
         name = f"**{r['name']}**" if r["name"] == "searched" else r["name"]
-        lines.append(f"| {name} | {r['predicted_ms']:.1f} | {ms} | {r['map']:.3f} | {r['ap50']:.3f} |")
+        lines.append(f"| {name} | {r['predicted_ms']:.1f} | {ms} | {r['map']:.3f} | {r['ap50']:.3f} "
+                     f"| {r['trained_on']} |")
     lines.append("")
     verdict = [f"searched beats {s['beaten']} of {s['of']} random architectures in val mAP (goal {GOAL_BEATEN}: "
                f"{'met' if s['goal_beaten_met'] else 'not met'})"]
@@ -206,9 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every training")
     p.add_argument("--data", default="shapes")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--archs", choices=["all", "searched", "random"], default="all",
+                   help="search/train only these; the other rows are kept from OUT/search_vs_random.json")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--training-device", help="recorded instead of --device (e.g. when trained elsewhere)")
+    p.add_argument("--training-device", help="recorded per row instead of --device (e.g. the machine's name)")
     p.add_argument("--workers", type=int, default=2, help="loader processes per training / search")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training / search")
     p.add_argument("--work", default=str(ROOT / "runs" / "search_vs_random"))
@@ -226,6 +243,8 @@ def main(argv=None) -> int:
         raise SystemExit("--target-ms is required (unless --latency-only)")
     else:
         result = run(args)
+        if args.archs != "all" and out.is_file():
+            result = merge(json.loads(out.read_text()), result)
     if not args.no_latency:
         add_latency(result, LatencyModel.load(args.latency_model))
     result["summary"] = summarize(result["rows"], result["meta"]["target_ms"])
