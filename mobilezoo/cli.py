@@ -304,7 +304,8 @@ def cmd_search(args) -> int:
     arch = run_search(data=args.data, target_ms=args.target_ms, steps=args.steps, out_dir=args.out or "runs/search",
                       resume=args.resume, space=args.space, latency_model=args.latency_model, img_size=args.img_size,
                       threads=args.threads, stop_after=args.stop_after, workers=args.workers,
-                      device=str(resolve_device(args.device)))
+                      device=str(resolve_device(args.device)),
+                      final_tolerance=None if args.final_argmax else args.final_tolerance)
     print(f"searched architecture: {arch} (train it: mobilezoo train detect_shapes --arch {arch})")
     return 0
 
@@ -425,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the search trains")
     s.add_argument("--workers", type=int, default=0, help="search: loader processes building batches ahead")
+    s.add_argument("--final-tolerance", type=float, default=0.1,
+                   help="search: the result is the controller's most likely architecture within this fraction "
+                        "of the target (default 0.1)")
+    s.add_argument("--final-argmax", action="store_true", help="search: the result is the per-decision argmax")
     s.add_argument("--out", help="search: output folder (default runs/search); latency-model: JSON path")
     s.set_defaults(fn=cmd_search)
 

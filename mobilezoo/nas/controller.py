@@ -53,6 +53,25 @@ class Controller(nn.Module):
         """The most likely option of each decision (the final architecture of a search)."""
         return [int(lg.detach().argmax()) for lg in self.logits]
 
+    def most_likely_within(self, latency, target: float, tolerance: float, samples: int = 2000,
+                           seed: int = 0) -> tuple[list[int], bool]:
+        """The most likely architecture whose `latency(choices)` is within `tolerance` of `target`.
+
+        Candidates: the argmax and `samples` draws from the controller. After a short search the
+        distributions are still broad and their per-decision argmax can land far from the target
+        (each decision's mode ignores the others); the best-scoring candidate that meets the
+        target is what the search has learnt. Returns (choices, met); met is False when no
+        candidate is within tolerance (then the argmax)."""
+        g = torch.Generator().manual_seed(seed)
+        best, best_lp = None, -float("inf")
+        with torch.no_grad():
+            for c in [self.argmax()] + [self.sample(g) for _ in range(samples)]:
+                if abs(latency(c) / target - 1) <= tolerance:
+                    lp = float(self.log_prob(c))
+                    if lp > best_lp:
+                        best, best_lp = c, lp
+        return (best, True) if best is not None else (self.argmax(), False)
+
     def update(self, choices: list[int], reward: float, lr_scale: float = 1.0) -> float:
         """One REINFORCE step on one sample; returns the advantage used."""
         if not bool(self.has_baseline):

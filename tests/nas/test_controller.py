@@ -52,3 +52,18 @@ def test_reward_formula_and_tau_sign():
     assert abs_reward(0.5, 10.0, 20.0, -0.2) == pytest.approx(0.5 - 0.2 * 0.5)
     with pytest.raises(UserError, match="tau must be negative"):
         abs_reward(0.5, 10.0, 20.0, 0.1)
+
+
+def test_final_architecture_is_the_most_likely_one_within_the_latency_target():
+    import itertools
+    c = Controller([3, 3, 3])
+    with torch.no_grad():  # every decision prefers option 0 (latency 0): the argmax misses the target
+        for lg in c.logits:
+            lg.copy_(torch.tensor([1.0, 0.5, 0.0]))
+    latency = lambda ch: 10.0 + 10.0 * sum(ch)  # noqa: E731  ms
+    assert latency(c.argmax()) == 10.0
+    choice, met = c.most_likely_within(latency, target=40.0, tolerance=0.1, samples=500)
+    feasible = [list(x) for x in itertools.product(range(3), repeat=3) if abs(latency(x) / 40 - 1) <= 0.1]
+    best = max(feasible, key=lambda x: float(c.log_prob(x)))
+    assert met and latency(choice) == 40.0 and float(c.log_prob(choice)) == float(c.log_prob(best))
+    assert c.most_likely_within(latency, target=1000.0, tolerance=0.1) == (c.argmax(), False)
