@@ -69,10 +69,12 @@ def batch_at(dataset, step: int, batch_size: int, seed: int) -> dict:
     """The batch of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch), each
     sample augmented under its own seed (seed, step, slot), so the batch is the same whichever process
     builds it and whenever (a resumed search is the same search, with or without loader workers)."""
-    n, items = len(dataset), []
+    n, items, perms = len(dataset), [], {}
     for slot, k in enumerate(range(step * batch_size, (step + 1) * batch_size)):
         epoch, i = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        if epoch not in perms:  # a batch spans at most two epochs: one permutation each
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        perm = perms[epoch]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((seed * 1000003 + step) * 1009 + slot)
             items.append(dataset[int(perm[i])])
