@@ -40,8 +40,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                   help="run the PyTorch model or the run's ONNX export")
+    p.add_argument("--runtime", choices=["torch", "compile", "onnxruntime"], default="torch",
+                   help="run the PyTorch model, the same compiled by torch.compile (TorchInductor, frozen "
+                   "weights: compiles on the first batch of each shape, then faster), or the run's ONNX export")
     p.add_argument("--onnx", help="with --runtime onnxruntime: the ONNX file (default RUN/model.onnx)")
 
 
@@ -142,9 +143,13 @@ def cmd_eval(args) -> int:
 
 
 def _with_runtime(args, model):
-    """The torch model, or with `--runtime onnxruntime` an ONNX Runtime session of the run's export."""
+    """The torch model, compiled with `--runtime compile`, or with `--runtime onnxruntime` an ONNX Runtime
+    session of the run's export."""
     if args.runtime == "torch":
         return model
+    if args.runtime == "compile":
+        from .deploy.compiled import compile_for_inference
+        return compile_for_inference(model)
     from .deploy.ort import OrtModel
     path = Path(args.onnx or Path(args.run) / "model.onnx")
     if not path.is_file():
@@ -158,7 +163,7 @@ def cmd_predict(args) -> int:
     from .engine import load_run, resolve_device
     from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
-    device = resolve_device(recipe.train.device) if args.runtime == "torch" else torch.device("cpu")
+    device = resolve_device(recipe.train.device) if args.runtime != "onnxruntime" else torch.device("cpu")
     model = _with_runtime(args, model.to(device))
     if task.name == "segment3d":  # <case>_seg.nii.gz + <case>_overlay.png per case; JSON list on stdout
         out = Path(args.out or Path(args.run) / "predictions")
@@ -375,10 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
     s.add_argument("--memory", metavar="MODEL", help="peak training memory of revunet3d vs its plain twin and "
                    "SegResNet, and how much larger a reversible net fits (~25 min; --quick ~2 min)")
-    s.add_argument("--runtimes", nargs="+", choices=["all", "eager", "fp32", "bf16", "ort", "int8"],
+    s.add_argument("--runtimes", nargs="+", choices=["all", "eager", "fp32", "bf16", "compile", "compile-bf16",
+                                                     "ort", "int8"],
                    help="one table of every named model (default: one or more of every family) in each "
-                   "runtime: PyTorch fp32 eager / fused fp32 / bf16, ONNX Runtime fp32 / INT8; peers "
-                   "(timm:, tv:, monai:SegResNet) in the same run")
+                   "runtime: PyTorch fp32 eager / fused fp32 / bf16 / compiled fp32 / compiled bf16, ONNX "
+                   "Runtime fp32 / INT8; peers (timm:, tv:, monai:SegResNet) in the same run")
     s.add_argument("--quick", action="store_true", help="--memory: reference crop 48^3 instead of 128^3; "
                    "--runtimes: small inputs and batches")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")

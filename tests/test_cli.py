@@ -469,6 +469,15 @@ def test_export_then_eval_and_predict_with_onnxruntime(capsys, trained, data_roo
     assert json.loads(ort_pred)[0]["topk"][0]["label"] == json.loads(torch_pred)[0]["topk"][0]["label"]
 
 
+def test_eval_with_the_compiled_model_gives_the_same_metrics(capsys, trained, tmp_path):
+    _, torch_metrics, _ = cli(capsys, "eval", trained, "--json", "--out", tmp_path / "t")
+    rc, compiled, err = cli(capsys, "eval", trained, "--json", "--runtime", "compile", "--out", tmp_path / "c")
+    assert rc == 0, err
+    want, got = json.loads(torch_metrics), json.loads(compiled)
+    assert got["count"] == want["count"] > 0
+    assert got["top1"] == want["top1"] and got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
 def test_onnxruntime_without_an_export_is_a_one_line_error(capsys, trained, tmp_path):
     rc, _, err = cli(capsys, "eval", trained, "--runtime", "onnxruntime", "--onnx", tmp_path / "none.onnx")
     assert rc == 2 and "none.onnx" in error_line(err, "eval") and "export" in error_line(err, "eval")

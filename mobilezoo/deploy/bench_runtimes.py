@@ -5,11 +5,15 @@ Runtimes (each model runs in every one that applies):
   fp32    PyTorch fp32 as deployed: `fuse_for_inference` (BN folded, activations and SE gates fused)
   bf16    the same with bfloat16 weights on bfloat16 inputs (3-D volumes: under `torch.autocast`, which
           keeps the reversible sequences in fp32)
+  compile, compile-bf16
+          PyTorch fp32 / bf16 compiled by `compile_for_inference` (TorchInductor with frozen weights),
+          compiled for both input shapes before anything is timed
   ort     ONNX Runtime fp32 on the `export_onnx` graph (parity with PyTorch checked at export)
   int8    ONNX Runtime on the static INT8 (QDQ) file from `quantize_int8`, calibrated here on random
           inputs: the speed of the quantized graph; the accuracy change is measured on the task's
           own data by `mobilezoo export --int8 --calib-data ...` (and in the demo)
-Peers run in PyTorch fp32 and bf16, as their libraries build them: timm:NAME[@SIZE] (classification),
+Peers run in PyTorch fp32 and bf16 (and compiled, when those runtimes are asked for), as their libraries
+build them: timm:NAME[@SIZE] (classification),
 tv:NAME (torchvision detection / video models), monai:SegResNet (MONAI's BraTS network).
 
 Per row: batch-1 latency (median and p90), throughput at the family's batch, peak memory (rise of the
@@ -37,9 +41,11 @@ from ..models import create_model, get_entry
 from .bench import _autocast, _peak_rss_delta_mb, _proc_status_kb, _quantile
 from .profile import count_macs, count_params, matmul_peak_gflops
 
-RUNTIMES = ("eager", "fp32", "bf16", "ort", "int8")
+RUNTIMES = ("eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8")
 LABELS = {"eager": "PyTorch fp32 eager", "fp32": "PyTorch fp32", "bf16": "PyTorch bf16",
+          "compile": "PyTorch compiled fp32", "compile-bf16": "PyTorch compiled bf16",
           "ort": "ORT fp32", "int8": "ORT INT8"}
+COMPILED = {"compile": torch.float32, "compile-bf16": torch.bfloat16}
 # task -> (batch-1 input shape without the batch, throughput batch); video: (C, T, H, W)
 INPUTS = {"classify": ((3, 224, 224), 32), "detect": ((3, 320, 320), 16),
           "video": ((3, 16, 224, 224), 4), "segment3d": ((4, 128, 128, 128), 1)}
@@ -178,7 +184,7 @@ def _cells_for(spec: str, runtimes, threads: int, quick: bool, tmp: Path, log, s
     shape, batch = (QUICK_INPUTS if quick else INPUTS)[family]
     src, _, name = spec.rpartition(":")
     if src in ("timm", "tv", "monai"):
-        return _peer_cells(spec, src, name, family, shape, batch, quick)
+        return _peer_cells(spec, src, name, family, shape, batch, quick, runtimes, log, skipped)
     model = _build_ours(spec, family, shape).eval()
     x1, xb = _inputs(shape, batch, family, channels_last=False)
     base = dict(family=family, source="mobilezoo", params=count_params(model),
@@ -198,12 +204,39 @@ def _cells_for(spec: str, runtimes, threads: int, quick: bool, tmp: Path, log, s
         if "bf16" in runtimes:
             run, bx1, bxb = _bf16(fused, lambda m: _network(m, family), cx1, cxb, family)
             cells.append(_Cell(spec, "bf16", run=run, x1=bx1, xb=bxb, **base))
+    if set(COMPILED) & set(runtimes):
+        cells += _compiled_cells(spec, model, lambda m: _network(m, family), x1, xb, family, runtimes, base,
+                                 log, skipped)
     if {"ort", "int8"} & set(runtimes):
         cells += _ort_cells(spec, family, model, shape, batch, runtimes, threads, tmp, base, log, skipped)
     return cells
 
 
-def _peer_cells(spec, src, name, family, shape, batch, quick) -> list[_Cell]:
+def _compiled_cells(spec, model, network, x1, xb, family, runtimes, base, log, skipped) -> list[_Cell]:
+    """`compile` / `compile-bf16` cells, compiled here for both input shapes (a failure is recorded in
+    `skipped`). bf16 volumes run the fp32-compiled graph under autocast, as the `bf16` cell does."""
+    from .compiled import compile_for_inference
+    cells = []
+    for rt, dtype in COMPILED.items():
+        if rt not in runtimes:
+            continue
+        log(f"compile {spec} ({rt})")
+        autocast = family == "segment3d" and dtype == torch.bfloat16
+        cast = None if autocast else dtype
+        try:
+            fmt = _memory_format(family, True)  # weights and inputs channels-last, as in the fp32 cell
+            net = compile_for_inference(model, cast, None if fmt == torch.contiguous_format else fmt, network)
+            run = _torch_runner(net, "bf16" if autocast else "fp32")
+            cx1, cxb = (x.to(cast or x.dtype).contiguous(memory_format=fmt) for x in (x1, xb))
+            run(cx1), run(cxb)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other runtimes still run
+            skipped.append({"model": spec, "runtime": rt, "reason": f"compile failed: {e}"})
+            continue
+        cells.append(_Cell(spec, rt, run=run, x1=cx1, xb=cxb, **base))
+    return cells
+
+
+def _peer_cells(spec, src, name, family, shape, batch, quick, runtimes, log, skipped) -> list[_Cell]:
     network = lambda m: m  # noqa: E731 - what is timed, given the model
     if src == "timm":
         import timm
@@ -231,8 +264,11 @@ def _peer_cells(spec, src, name, family, shape, batch, quick) -> list[_Cell]:
     base = dict(family=family, source=src, params=count_params(model), macs=count_macs(network(model), x1),
                 batch=batch)
     run, bx1, bxb = _bf16(model, network, x1, xb, family)
-    return [_Cell(spec, "fp32", run=_torch_runner(network(model), "fp32"), x1=x1, xb=xb, **base),
-            _Cell(spec, "bf16", run=run, x1=bx1, xb=bxb, **base)]
+    cells = [_Cell(spec, "fp32", run=_torch_runner(network(model), "fp32"), x1=x1, xb=xb, **base),
+             _Cell(spec, "bf16", run=run, x1=bx1, xb=bxb, **base)]
+    if set(COMPILED) & set(runtimes):
+        cells += _compiled_cells(spec, model, network, x1, xb, family, runtimes, base, log, skipped)
+    return cells
 
 
 def _tv_detector_network(model):

@@ -1,10 +1,13 @@
 """Video-model latency per clip at batch 1, ours vs torchvision's video models, in one run.
 
 Ours run as deployed: `fuse_for_inference`, channels-last; "bf16" casts weights and input to
-bfloat16 (autocast would re-cast the 29M weights on every clip). `eager:NAME` is the same network
-unfused, fp32, contiguous: the structure and execution of the official implementation, which is
-the reference the issue compares against. torchvision peers run at their native clip sizes with
-their published Kinetics-400 top-1 beside them. The fp32 / bf16 matrix-multiply peaks are measured
+bfloat16 (autocast would re-cast the 29M weights on every clip). `compile:NAME` is the same network
+compiled by `compile_for_inference` (TorchInductor, frozen weights, channels-last weights; compiled
+before timing). `eager:NAME` is the same network unfused, fp32, contiguous: the structure and
+execution of the official implementation, which is the reference the issue compares against.
+torchvision peers run at their native clip sizes with their published Kinetics-400 top-1 beside them.
+Every model gets one untimed call per round before its timed calls (the models in between evict its
+weights from the caches). The fp32 / bf16 matrix-multiply peaks are measured
 in the same run, and each row reports the fraction of its precision's peak it achieves."""
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from ..layers.fuse import fuse_for_inference
 from ..models import create_model, get_entry
+from .compiled import compile_for_inference
 from .profile import count_macs, count_params, matmul_peak_gflops
 
 # name -> (native frames, native side, published Kinetics-400 top-1 of its released weights)
@@ -38,13 +42,15 @@ def _build(spec: str, clip: tuple[int, int]):
         t, s, top1 = TORCHVISION[spec]
         model = getattr(tvv, spec.split(":")[1])(weights=None).eval()
         return model, model, t, s, top1, "torchvision"
-    eager = spec.startswith("eager:")
+    eager, compiled = spec.startswith("eager:"), spec.startswith("compile:")
     name = spec.split(":")[-1]
     if get_entry(name).task != "video":
         raise ValueError(f"{name}: not a video model (see `mobilezoo list --task video`)")
     model = create_model(name, num_classes=400, num_frames=clip[0]).eval()
     if eager:
         return model, model, *clip, PUBLISHED_TOP1.get(name), "eager"
+    if compiled:
+        return model, model, *clip, PUBLISHED_TOP1.get(name), "compiled"
     fast = fuse_for_inference(model).to(memory_format=torch.channels_last)
     return fast, model, *clip, PUBLISHED_TOP1.get(name), "mobilezoo"
 
@@ -64,15 +70,21 @@ def video_benchmark(models: list[str], peers: list[str], clip: tuple[int, int] =
         if source == "mobilezoo":  # bf16: fold in fp32, then cast weights; activations bf16 too
             fast16 = fuse_for_inference(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
             variants["bf16"] = (fast16, x.bfloat16())
+        elif source == "compiled":
+            variants = {p: (compile_for_inference(ref, dtype, torch.channels_last), x.to(dtype))
+                        for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         for p, (m, xp) in variants.items():
             if p in precisions:
                 runs[(spec, p)] = (m, xp, info, [])
     with torch.inference_mode():
-        for m, x, _, _ in runs.values():
+        for (spec, p), (m, x, _, _) in runs.items():
+            if log and spec.startswith("compile:"):
+                log(f"compile {spec} {p}")
             for _ in range(2):
                 m(x)
         for r in range(rounds):
             for m, x, _, times in (runs.values() if r % 2 == 0 else reversed(runs.values())):
+                m(x)  # untimed: the previous model has just evicted this one's weights from the caches
                 for _ in range(max(1, iters // rounds)):
                     t0 = time.perf_counter()
                     m(x)

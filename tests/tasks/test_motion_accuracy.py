@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mobilezoo.data import motion
+from mobilezoo.deploy.compiled import compile_for_inference
 from mobilezoo.engine.loop import fit, load_run
 from mobilezoo.layers.fuse import fuse_for_inference
 from mobilezoo.recipes import load_recipe
@@ -44,6 +45,9 @@ def test_squeezetime_mini_learns_motion_and_bf16_keeps_its_predictions(tmp_path)
     bf16 = _val_predictions(fuse_for_inference(model).to(torch.bfloat16), task, torch.bfloat16)
     assert len(fp32) == motion.NUM_VAL
     assert (fp32 == bf16).float().mean() >= 0.99, f"{int((fp32 != bf16).sum())} of {len(fp32)} clips changed"
+    # and compiled (TorchInductor, frozen bf16 weights), the video benchmark's fastest row
+    compiled = _val_predictions(compile_for_inference(model, torch.bfloat16), task, torch.bfloat16)
+    assert (fp32 == compiled).float().mean() >= 0.99, f"{int((fp32 != compiled).sum())} clips changed"
 
 
 @pytest.mark.slow
