@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/moat_vs_timm.py
 	$(MZ) bench ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu \
 		--vs tv:ssdlite320_mobilenet_v3_large --json $(RESULTS)/detectors.json
-	$(MZ) bench squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s --json $(RESULTS)/video.json
+	$(MZ) bench squeezetime compile:squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s --json $(RESULTS)/video.json
 	$(PY) benchmarks/update_readme.py
 
 # Peak training memory, reversible vs plain 3-D U-Net (~30 min): not part of `make bench`.
