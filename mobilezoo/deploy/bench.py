@@ -5,10 +5,8 @@ Every model runs in eval mode under `torch.inference_mode()` with `torch.set_num
 BN folding in fp32), as a bf16 deployment does; every model, ours and the peers, runs the same way.
 `benchmark` builds all models first and then times them in interleaved rounds in one process, so
 drifting clock speeds or noisy neighbours hit ours and the peers alike; `iters` batch-1 and
-`batch_iters` batch-`batch` runs per model and precision are split over the rounds, each chunk
-after one untimed run (in a deployment the model's kernels and buffers stay warm; here the models
-timed in between evict them), and an optional `pause()` runs before every timed chunk (e.g. to
-wait for an idle CPU).
+`batch_iters` batch-`batch` runs per model and precision are split over the rounds, and an
+optional `pause()` runs before every timed chunk (e.g. to wait for an idle CPU).
 
 Row fields:
   macs          multiply-accumulates of one image (FlopCounterMode total / 2 at batch 1; CPU flash
@@ -170,8 +168,6 @@ class _Runner:
     def time(self, precision: str, n1: int, nb: int) -> None:
         for x, n, out in ((self.x1, n1, self.lat), (self.xb, nb, self.bat)):
             times = out.setdefault(precision, [])
-            if n:  # untimed: the models timed in between have evicted this one's oneDNN kernels and buffers
-                self.forward(x, precision)
             for _ in range(n):
                 t0 = time.perf_counter()
                 self.forward(x, precision)
