@@ -13,8 +13,8 @@ Runtimes (each model runs in every one that applies):
           inputs: the speed of the quantized graph; the accuracy change is measured on the task's
           own data by `mobilezoo export --int8 --calib-data ...` (and in the demo)
 Peers run in PyTorch fp32 and bf16 (and compiled, when those runtimes are asked for), as their libraries
-build them: timm:NAME[@SIZE] (classification),
-tv:NAME (torchvision detection / video models), monai:SegResNet (MONAI's BraTS network).
+build them: timm:NAME[@SIZE] (classification), tv:NAME (torchvision detection / video models),
+monai:SegResNet (MONAI's BraTS network).
 
 Per row: batch-1 latency (median and p90), throughput at the family's batch, peak memory (rise of the
 process RSS high-water mark during the first batch forward; ONNX Runtime runs without its memory arena

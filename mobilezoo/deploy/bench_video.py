@@ -6,9 +6,9 @@ compiled by `compile_for_inference` (TorchInductor, frozen weights, channels-las
 before timing). `eager:NAME` is the same network unfused, fp32, contiguous: the structure and
 execution of the official implementation, which is the reference the issue compares against.
 torchvision peers run at their native clip sizes with their published Kinetics-400 top-1 beside them.
-Every model gets one untimed call per round before its timed calls (the models in between evict its
-weights from the caches). The fp32 / bf16 matrix-multiply peaks are measured
-in the same run, and each row reports the fraction of its precision's peak it achieves."""
+Every model gets one untimed call per round before its timed calls (a warm-up after the other models
+ran, as a process that runs one model never needs). The fp32 / bf16 matrix-multiply peaks are
+measured in the same run, and each row reports the fraction of its precision's peak it achieves."""
 from __future__ import annotations
 
 import statistics
@@ -84,7 +84,7 @@ def video_benchmark(models: list[str], peers: list[str], clip: tuple[int, int] =
                 m(x)
         for r in range(rounds):
             for m, x, _, times in (runs.values() if r % 2 == 0 else reversed(runs.values())):
-                m(x)  # untimed: the previous model has just evicted this one's weights from the caches
+                m(x)  # untimed warm-up after the other models
                 for _ in range(max(1, iters // rounds)):
                     t0 = time.perf_counter()
                     m(x)
