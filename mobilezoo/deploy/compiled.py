@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 
@@ -39,7 +40,6 @@ class _Frozen(nn.Module):
         self.compiled = compiled
 
     def forward(self, x):
-        import torch._inductor.config as inductor_config
         with inductor_config.patch(freezing=True):
             return self.compiled(x)
 
