@@ -3,8 +3,8 @@
 The issue's target (mAP 0.50 / AP50 0.80) is half reached by the best schedule found that fits the
 ~15-minute budget of one slow test on 2 CPU cores (12 epochs at 320 with the SSD crop on 25% of
 the images: 0.511 / 0.744 in 12.6 min; crops on 50%: 0.468 / 0.683; TF's 85%: 0.380 / 0.577).
-This test guards what the packaged recipe does reach, so a regression in the anchors, matcher, loss, augmentation or COCO
-evaluation shows up as a clear drop."""
+This test guards what the packaged recipe does reach, so a regression in the anchors, matcher,
+loss, augmentation or COCO evaluation shows up as a clear drop."""
 import json
 import subprocess
 import sys
