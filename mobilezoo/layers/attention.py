@@ -34,6 +34,24 @@ def window_merge(x: torch.Tensor, window: tuple[int, int], size: tuple[int, int]
     return x.reshape(-1, hh, ww, c)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [batch, heads, length, d].
+
+    PyTorch's fused CPU kernel is slower in bf16/fp16 than in fp32 for these short windows, so
+    reduced-precision CPU inference (no autograd) runs the two batched matmuls instead, with the
+    scale, bias and softmax applied in place on the scores (a fresh [b, heads, L, L] tensor per op
+    costs more than the ops). The scores are rounded to q's dtype before the softmax, which
+    computes in fp32. Otherwise SDPA, whose fused kernel takes a 4-D mask (a 3-D one falls back
+    to the slow math path).
+    """
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or q.requires_grad:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(torch.softmax(scores, -1, out=scores), v)
+
+
 class RelPosAttention2d(nn.Module):
     """Pre-LN window (or global) attention on an NCHW map; returns the attention branch, NCHW.
 
@@ -73,8 +91,7 @@ class RelPosAttention2d(nn.Module):
         t = window_partition(self.norm(x.permute(0, 2, 3, 1)), window)
         b, length, _ = t.shape
         q, k, v = self.qkv(t).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # A 4-D mask lets SDPA use its fused CPU kernel (a 3-D one falls back to the slow math path).
         bias = None if self.rel_table is None else self.relative_bias(*window).to(q.dtype)[None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = attend(q, k, v, bias)
         out = self.proj(out.transpose(1, 2).reshape(b, length, c))
         return window_merge(out, window, (hh, ww)).permute(0, 3, 1, 2)

@@ -136,3 +136,21 @@ def test_attention_without_rel_pos():
     m = RelPosAttention2d(64, pos_size=None)
     assert m.rel_table is None
     assert m(torch.randn(1, 64, 3, 3)).shape == (1, 64, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True])  # in-place CPU path for inference, SDPA for training
+def test_reduced_precision_attention_matches_reference(dtype, grad):
+    torch.manual_seed(0)
+    m = RelPosAttention2d(64, window=(3, 3), pos_size=3).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 64, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = reference_attention(m, x, (3, 3))
+    low, xl = m.to(dtype), x.to(dtype)
+    with torch.set_grad_enabled(grad):
+        out = low(xl.requires_grad_(grad))
+    assert out.requires_grad == grad
+    torch.testing.assert_close(out.double(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
