@@ -2,7 +2,7 @@
 
 backbone C4/C5 -> four depthwise extra layers (512, 256, 256, 128) -> unshared depthwise box and
 class heads on the six maps -> TF `create_ssd_anchors` anchors (2,034 at 320x320). Training:
-IoU-0.5 matching with forced best anchors, box coder (10, 10, 5, 5), sigmoid focal loss
+IoU-0.5 matching (TF's matched_threshold, option `match_iou`) with forced best anchors, box coder (10, 10, 5, 5), sigmoid focal loss
 (alpha 0.75 on positives, gamma 2) + smooth L1, both divided by the number of positives (and the
 box loss by 4). Inference: sigmoid, per-class NMS at IoU 0.6, 100 detections. torchvision's
 detection contract: train mode returns a loss dict, eval mode a list of boxes/scores/labels.
@@ -26,10 +26,12 @@ EXTRA_DEPTHS = (512, 256, 256, 128)
 
 
 def ssd_anchor_specs(num_layers: int = 6, min_scale: float = 0.2, max_scale: float = 0.95,
-                     aspect_ratios=(1.0, 2.0, 0.5, 3.0, 0.3333)) -> list[list[tuple[float, float]]]:
-    """(scale, aspect) pairs per layer, as TF `create_ssd_anchors` with its defaults."""
+                     aspect_ratios=(1.0, 2.0, 0.5, 3.0, 0.3333),
+                     lowest_scale: float = 0.1) -> list[list[tuple[float, float]]]:
+    """(scale, aspect) pairs per layer, as TF `create_ssd_anchors` with its defaults (`lowest_scale`:
+    the square box of the lowest layer, fixed at 0.1 in TF)."""
     scales = [min_scale + (max_scale - min_scale) * i / (num_layers - 1) for i in range(num_layers)] + [1.0]
-    specs = [[(0.1, 1.0), (min_scale, 2.0), (min_scale, 0.5)]]  # reduce_boxes_in_lowest_layer
+    specs = [[(lowest_scale, 1.0), (min_scale, 2.0), (min_scale, 0.5)]]  # reduce_boxes_in_lowest_layer
     for k in range(1, num_layers):
         layer = [(scales[k], ar) for ar in aspect_ratios]
         layer.append((math.sqrt(scales[k] * scales[k + 1]), 1.0))  # interpolated scale, aspect 1
@@ -83,7 +85,8 @@ class SSDLite(nn.Module):
     def __init__(self, arch="cpu", num_classes: int = 90, background_class: bool = False,
                  score_thresh: float = 1e-8, nms_iou: float = 0.6, detections_per_img: int = 100,
                  topk_candidates: int = 200, focal_alpha: float = 0.75, focal_gamma: float = 2.0,
-                 multiplier: float = 1.0, padding: str = "same"):
+                 multiplier: float = 1.0, padding: str = "same", match_iou: float = 0.5,
+                 anchor_scales: tuple[float, float, float] = (0.2, 0.95, 0.1)):
         super().__init__()
         self.backbone = MobileDetBackbone(arch, multiplier=multiplier, padding=padding)
         norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
@@ -93,7 +96,8 @@ class SSDLite(nn.Module):
             extras.append(extra_layer(c, d, norm))
             c = d
         self.extras = nn.ModuleList(extras)
-        self.anchor_specs = ssd_anchor_specs()
+        min_scale, max_scale, lowest_scale = anchor_scales
+        self.anchor_specs = ssd_anchor_specs(min_scale=min_scale, max_scale=max_scale, lowest_scale=lowest_scale)
         widths = [c4, c5, *EXTRA_DEPTHS]
         self.num_classes, self.background = num_classes, background_class
         self.num_logits = num_classes + int(background_class)
@@ -111,7 +115,7 @@ class SSDLite(nn.Module):
         for h in self.cls_heads:
             nn.init.constant_(h[-1].bias, -4.6)
         self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-        self.matcher = det_utils.SSDMatcher(0.5)
+        self.matcher = det_utils.SSDMatcher(match_iou)
         self.score_thresh, self.nms_iou = score_thresh, nms_iou
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma

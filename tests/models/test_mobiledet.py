@@ -525,6 +525,17 @@ def test_first_anchors_by_hand():
     assert (a[-1, 2] - a[-1, 0]).item() == pytest.approx(math.sqrt(0.95) * 320, abs=1e-3)
 
 
+def test_anchor_scales_option():
+    # (min_scale, max_scale, lowest-layer square box), TF's config fields; default (0.2, 0.95, 0.1)
+    _, a = model_anchors(small_detector(anchor_scales=(0.15, 0.9, 0.075)), 320, 320)
+    assert a.shape == (2034, 4)
+    assert a[0].tolist() == pytest.approx([8 - 12, 8 - 12, 8 + 12, 8 + 12], abs=1e-4)  # 0.075 * 320 = 24
+    area = lambda box: ((box[2] - box[0]) * (box[3] - box[1])).item()
+    assert area(a[1]) == pytest.approx((0.15 * 320) ** 2, rel=1e-5)  # (0.15, aspect 2)
+    assert (a[1200, 2] - a[1200, 0]).item() == pytest.approx((0.15 + 0.75 / 5) * 320, abs=1e-3)
+    assert (a[-1, 2] - a[-1, 0]).item() == pytest.approx(math.sqrt(0.9) * 320, abs=1e-3)
+
+
 def test_anchors_are_not_clipped():
     _, a = model_anchors(small_detector(), 320, 320)
     assert a.min() < 0 and a.max() > 320
@@ -588,6 +599,12 @@ def test_matcher_hand_cases():
     # the unmatched anchors are negatives, not ignored: same code for 0.49 and 0.0
     only = matcher(torch.tensor([[0.49, 0.0, 0.9]]))
     assert only[0] == only[1] and only[0] < 0 and only[2] == 0
+
+
+def test_match_iou_option_lowers_the_positive_threshold():
+    iou = torch.tensor([[0.90, 0.45, 0.39]])
+    assert small_detector().matcher(iou).tolist()[:2] == [0, -1]           # TF's 0.5
+    assert small_detector(match_iou=0.4).matcher(iou).tolist() == [0, 0, -1]
 
 
 # ------------------------------------------------------------------------------------ loss
