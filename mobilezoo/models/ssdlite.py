@@ -1,10 +1,11 @@
 """SSDLite detector on MobileDet backbones, as the TF object-detection API configures it.
 
 backbone C4/C5 -> four depthwise extra layers (512, 256, 256, 128) -> unshared depthwise box and
-class heads on the six maps -> TF `create_ssd_anchors` anchors (2,034 at 320x320). Training:
-IoU-0.5 matching (TF's matched_threshold, option `match_iou`) with forced best anchors, box coder (10, 10, 5, 5), sigmoid focal loss
-(alpha 0.75 on positives, gamma 2) + smooth L1, both divided by the number of positives (and the
-box loss by 4). Inference: sigmoid, per-class NMS at IoU 0.6, 100 detections. torchvision's
+class heads on the six maps -> TF `create_ssd_anchors` anchors (2,034 at 320x320; option
+`anchor_scales`: min scale, max scale, lowest layer's box). Training: IoU-0.5 matching (TF's
+matched_threshold, option `match_iou`) with forced best anchors, box coder (10, 10, 5, 5), sigmoid
+focal loss (alpha 0.75 on positives, gamma 2) + smooth L1, both divided by the number of positives
+(and the box loss by 4). Inference: sigmoid, per-class NMS at IoU 0.6, 100 detections. torchvision's
 detection contract: train mode returns a loss dict, eval mode a list of boxes/scores/labels.
 """
 from __future__ import annotations
