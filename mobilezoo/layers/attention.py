@@ -37,7 +37,7 @@ def window_merge(x: torch.Tensor, window: tuple[int, int], size: tuple[int, int]
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v over [batch, heads, length, d].
 
-    PyTorch's fused CPU kernel is slower in bf16/fp16 than in fp32 for these short windows, so
+    PyTorch's fused CPU kernel is no faster in bf16/fp16 than in fp32 for these short windows, so
     reduced-precision CPU inference (no autograd) runs the two batched matmuls instead, with the
     scale, bias and softmax applied in place on the scores (a fresh [b, heads, L, L] tensor per op
     costs more than the ops). The scores are rounded to q's dtype before the softmax, which

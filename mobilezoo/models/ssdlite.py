@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
 
+from ..errors import UserError
 from ..layers import ConvNormAct
 from .mobiledet import ARCHS, MobileDetBackbone
 from .registry import register
@@ -97,6 +98,11 @@ class SSDLite(nn.Module):
             extras.append(extra_layer(c, d, norm))
             c = d
         self.extras = nn.ModuleList(extras)
+        if len(anchor_scales) != 3 or min(anchor_scales) <= 0 or anchor_scales[0] >= anchor_scales[1]:
+            raise UserError(f"anchor_scales: expected [min_scale, max_scale, lowest_scale], positive, min < max; "
+                            f"got {list(anchor_scales)}")
+        if not 0 < match_iou <= 1:
+            raise UserError(f"match_iou: expected an IoU in (0, 1], got {match_iou}")
         min_scale, max_scale, lowest_scale = anchor_scales
         self.anchor_specs = ssd_anchor_specs(min_scale=min_scale, max_scale=max_scale, lowest_scale=lowest_scale)
         widths = [c4, c5, *EXTRA_DEPTHS]

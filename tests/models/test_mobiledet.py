@@ -536,6 +536,15 @@ def test_anchor_scales_option():
     assert (a[-1, 2] - a[-1, 0]).item() == pytest.approx(math.sqrt(0.9) * 320, abs=1e-3)
 
 
+@pytest.mark.parametrize("kwargs, field", [({"anchor_scales": (0.1, 0.9)}, "anchor_scales"),
+                                           ({"anchor_scales": (0.9, 0.2, 0.1)}, "anchor_scales"),
+                                           ({"anchor_scales": (0.2, 0.9, 0.0)}, "anchor_scales"),
+                                           ({"match_iou": 0.0}, "match_iou"), ({"match_iou": 1.5}, "match_iou")])
+def test_bad_matching_or_anchor_options_name_the_field(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        small_detector(**kwargs)
+
+
 def test_anchors_are_not_clipped():
     _, a = model_anchors(small_detector(), 320, 320)
     assert a.min() < 0 and a.max() > 320
