@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from mobilezoo.nas import LatencyModel, measure_latency, sample, save_arch, to_a
 from mobilezoo.nas.space import from_arch  # noqa: E402
 
 GOAL_WITHIN, GOAL_BEATEN = 0.10, 6
+SEARCH_ONLY = ("steps", "search_args")
 
 
 def matched_random(lat_model: LatencyModel, target_ms: float, tolerance: float, n: int, seed: int,
@@ -79,7 +81,7 @@ def search(args, work: Path) -> Path:
         _run(_mobilezoo("search", "--data", args.data, "--target-ms", str(args.target_ms), "--steps", str(args.steps),
                         "--latency-model", str(args.latency_model), "--out", str(work / "search"),
                         "--device", args.device, "--workers", str(args.workers), "--threads", str(args.threads),
-                        *resume), work / "search.log")
+                        *shlex.split(args.search_args), *resume), work / "search.log")
     return arch
 
 
@@ -129,7 +131,8 @@ def run(args) -> dict:
         result_rows.append({"name": _name(path),
                             "predicted_ms": lat_model.predict(choices), "map": m["val_map"], "ap50": m["val_ap50"],
                             "epochs": m["epoch"], "trained_on": device, "choices": choices})
-    meta = {k: getattr(args, k) for k in ("target_ms", "steps", "tolerance", "seed", "recipe", "epochs", "set", "data")}
+    meta = {k: getattr(args, k) for k in ("target_ms", "steps", "search_args", "tolerance", "seed", "recipe", "epochs",
+                                          "set", "data")}
     meta.update(space=space.name, latency_model=Path(args.latency_model).name, runtime=lat_model.meta.get("runtime"),
                 threads=lat_model.meta.get("threads"))
     return {"meta": meta, "rows": result_rows}
@@ -137,7 +140,7 @@ def run(args) -> dict:
 
 def merge(old: dict, new: dict) -> dict:
     """`new` plus the rows of `old` that `new` did not train (a benchmark split across machines)."""
-    same = [k for k in new["meta"] if k != "steps"]  # the search's length does not change the random rows
+    same = [k for k in new["meta"] if k not in SEARCH_ONLY]  # the search's settings do not change the random rows
     if any(old["meta"].get(k) != new["meta"][k] for k in same):
         raise SystemExit("cannot merge: the existing results were made with other settings "
                          f"({old['meta']} vs {new['meta']})")
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--latency-model", required=True, help="cost model JSON of the deployment machine")
     p.add_argument("--target-ms", type=float, help="latency target (required unless --latency-only)")
     p.add_argument("--steps", type=int, default=2000, help="search steps")
+    p.add_argument("--search-args", default="", help="more `mobilezoo search` options, e.g. '--samples-per-step 4'")
     p.add_argument("--random", type=int, default=8, help="random architectures to compare with")
     p.add_argument("--tolerance", type=float, default=GOAL_WITHIN, help="matched latency: |predicted/target - 1|")
     p.add_argument("--recipe", default="detect_shapes", help="standalone training recipe for every architecture")

@@ -310,7 +310,8 @@ def cmd_search(args) -> int:
                       resume=args.resume, space=args.space, latency_model=args.latency_model, img_size=args.img_size,
                       threads=args.threads, stop_after=args.stop_after, workers=args.workers,
                       device=str(resolve_device(args.device)),
-                      final_tolerance=None if args.final_argmax else args.final_tolerance)
+                      final_tolerance=None if args.final_argmax else args.final_tolerance,
+                      samples_per_step=args.samples_per_step, controller_lr=args.controller_lr, tau=args.tau)
     print(f"searched architecture: {arch} (train it: mobilezoo train detect_shapes --arch {arch})")
     return 0
 
@@ -432,9 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the search trains")
     s.add_argument("--workers", type=int, default=0, help="search: loader processes building batches ahead")
-    s.add_argument("--final-tolerance", type=float, default=0.1,
+    s.add_argument("--final-tolerance", type=float, default=0.05,
                    help="search: the result is the controller's most likely architecture within this fraction "
-                        "of the target (default 0.1)")
+                        "of the target (default 0.05)")
+    s.add_argument("--samples-per-step", type=int, default=1, metavar="K",
+                   help="search: K architectures scored per reward batch, leave-one-out baseline (1: EMA baseline)")
+    s.add_argument("--controller-lr", type=float, default=5e-3, help="search: controller Adam learning rate")
+    s.add_argument("--tau", type=float, default=-0.5, help="search: latency weight of the reward (negative)")
     s.add_argument("--final-argmax", action="store_true", help="search: the result is the per-decision argmax")
     s.add_argument("--out", help="search: output folder (default runs/search); latency-model: JSON path")
     s.set_defaults(fn=cmd_search)

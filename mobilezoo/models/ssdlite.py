@@ -101,8 +101,9 @@ class SSDLite(nn.Module):
         if len(anchor_scales) != 3 or min(anchor_scales) <= 0 or anchor_scales[0] >= anchor_scales[1]:
             raise UserError(f"anchor_scales: expected [min_scale, max_scale, lowest_scale], positive, min < max; "
                             f"got {list(anchor_scales)}")
-        if not 0 < match_iou <= 1:
-            raise UserError(f"match_iou: expected an IoU in (0, 1], got {match_iou}")
+        for name, iou in (("match_iou", match_iou), ("nms_iou", nms_iou)):
+            if not 0 < iou <= 1:
+                raise UserError(f"{name}: expected an IoU in (0, 1], got {iou}")
         min_scale, max_scale, lowest_scale = anchor_scales
         self.anchor_specs = ssd_anchor_specs(min_scale=min_scale, max_scale=max_scale, lowest_scale=lowest_scale)
         widths = [c4, c5, *EXTRA_DEPTHS]

@@ -4,6 +4,11 @@ One logit vector per decision, all zero at the start (uniform sampling). Each up
 sampled choice vector and its reward R: advantage = R - baseline, loss = -advantage * log p(choices),
 one Adam step with betas (0, 0.999), eps 1e-8; then baseline <- m * baseline + (1 - m) * R
 (TuNAS' momentum 0.95). The baseline starts at the first reward, so the first advantage is 0.
+
+`update_group` is the lower-variance variant (an option of the search, not TuNAS'): K >= 2
+architectures scored on the *same* reward batch, each one's advantage its reward minus the mean of
+the other K - 1 (the leave-one-out baseline, still unbiased). The difficulty of the batch, which
+moves every architecture's loss alike and is most of a one-batch reward's variance, cancels.
 """
 from __future__ import annotations
 
@@ -78,14 +83,36 @@ class Controller(nn.Module):
             self.baseline.fill_(reward)
             self.has_baseline.fill_(True)
         advantage = float(reward - self.baseline)
-        for g in self.optimizer.param_groups:
-            g.setdefault("base_lr", g["lr"])
-            g["lr"] = g["base_lr"] * lr_scale
+        self._set_lr(lr_scale)
         self.optimizer.zero_grad()
         (-advantage * self.log_prob(choices)).backward()
         self.optimizer.step()
         self.baseline.mul_(self.momentum).add_((1 - self.momentum) * reward)
         return advantage
+
+    def update_group(self, choices: list[list[int]], rewards: list[float], lr_scale: float = 1.0) -> list[float]:
+        """One REINFORCE step on K >= 2 samples scored on one batch, leave-one-out baseline; returns
+        the advantages. The EMA baseline follows the mean reward (for `update` and the log)."""
+        k = len(choices)
+        if k < 2 or len(rewards) != k:
+            raise UserError(f"update_group needs K >= 2 samples and as many rewards, got {k} and {len(rewards)}")
+        total = sum(rewards)
+        advantages = [r - (total - r) / (k - 1) for r in rewards]
+        self._set_lr(lr_scale)
+        self.optimizer.zero_grad()
+        (-sum(a * self.log_prob(c) for a, c in zip(advantages, choices)) / k).backward()
+        self.optimizer.step()
+        mean = total / k
+        if not bool(self.has_baseline):
+            self.baseline.fill_(mean)
+            self.has_baseline.fill_(True)
+        self.baseline.mul_(self.momentum).add_((1 - self.momentum) * mean)
+        return advantages
+
+    def _set_lr(self, lr_scale: float) -> None:
+        for g in self.optimizer.param_groups:
+            g.setdefault("base_lr", g["lr"])
+            g["lr"] = g["base_lr"] * lr_scale
 
     def full_state(self) -> dict:
         """Logits, baseline and Adam state (for resumable searches); a copy, not views of live tensors."""

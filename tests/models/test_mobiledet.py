@@ -539,7 +539,8 @@ def test_anchor_scales_option():
 @pytest.mark.parametrize("kwargs, field", [({"anchor_scales": (0.1, 0.9)}, "anchor_scales"),
                                            ({"anchor_scales": (0.9, 0.2, 0.1)}, "anchor_scales"),
                                            ({"anchor_scales": (0.2, 0.9, 0.0)}, "anchor_scales"),
-                                           ({"match_iou": 0.0}, "match_iou"), ({"match_iou": 1.5}, "match_iou")])
+                                           ({"match_iou": 0.0}, "match_iou"), ({"match_iou": 1.5}, "match_iou"),
+                                           ({"nms_iou": 0.0}, "nms_iou"), ({"nms_iou": 1.2}, "nms_iou")])
 def test_bad_matching_or_anchor_options_name_the_field(kwargs, field):
     with pytest.raises(UserError, match=field):
         small_detector(**kwargs)
@@ -808,6 +809,13 @@ def test_nms_same_class_below_threshold(post_model):
     assert ref_iou(torch.tensor(shifted(d))[:1], torch.tensor(shifted(d))[1:]).item() == pytest.approx(0.55)
     det = detect(post_model, shifted(d), [[2.0, LOW, LOW], [1.0, LOW, LOW]])
     assert det["labels"].tolist() == [0, 0]
+
+
+def test_nms_iou_option():
+    d = 100 * 0.45 / 1.55  # IoU 0.55: kept at TF's 0.6, suppressed at 0.45
+    det = detect(small_detector(nms_iou=0.45), shifted(d), [[2.0, LOW, LOW], [1.0, LOW, LOW]])
+    assert det["labels"].tolist() == [0]
+    torch.testing.assert_close(det["boxes"], torch.tensor(shifted(d)[:1]))
 
 
 def test_nms_is_per_class(post_model):

@@ -18,6 +18,29 @@ def test_converges_to_the_best_choice_on_a_toy_reward():
     assert all(p[b] > 0.9 for p, b in zip(ctl.probs(), best))
 
 
+def test_leave_one_out_advantages_by_hand():
+    ctl = Controller([2, 3])
+    adv = ctl.update_group([[0, 0], [1, 2], [0, 1]], [1.0, 4.0, 7.0])
+    assert adv == pytest.approx([1.0 - 5.5, 4.0 - 4.0, 7.0 - 2.5])
+    assert float(ctl.baseline) == pytest.approx(4.0)  # starts at the first group's mean
+    with pytest.raises(UserError, match="K >= 2"):
+        ctl.update_group([[0, 0]], [1.0])
+
+
+def test_group_update_cancels_the_noise_shared_by_a_batch():
+    # Each reward batch shifts every architecture's reward alike, by 20x the quality differences;
+    # scored on the same batch, the leave-one-out advantages see only the differences.
+    best = [2, 0, 4]
+    ctl = Controller([3, 2, 5], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        group = [ctl.sample(gen) for _ in range(4)]
+        batch_shift = 20.0 * torch.randn((), generator=gen).item()
+        ctl.update_group(group, [sum(float(a == b) for a, b in zip(c, best)) + batch_shift for c in group])
+    assert ctl.argmax() == best
+    assert all(p[b] > 0.9 for p, b in zip(ctl.probs(), best))
+
+
 def test_latency_reward_finds_the_option_nearest_the_target():
     # One decision: option latencies 10, 20, 30 ms with equal quality; target 20 ms.
     ctl = Controller([3], lr=0.05)

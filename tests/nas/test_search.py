@@ -68,6 +68,19 @@ def test_tiny_search_end_to_end_and_resumable(tmp_path, shapes_root, tiny_space)
     assert (tmp_path / "b" / "search_log.jsonl").read_text() == (tmp_path / "a" / "search_log.jsonl").read_text()
 
 
+def test_search_with_several_architectures_per_reward_batch(tmp_path, shapes_root, tiny_space):
+    space = tiny_space()
+    _run(shapes_root, tmp_path / "k", space, _latency_model(space), samples_per_step=3)
+    log = [json.loads(line) for line in (tmp_path / "k" / "search_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    for s in range(4):  # leave-one-out advantages of each step's three rewards
+        rewards = [r["reward"] for r in log[3 * s: 3 * s + 3]]
+        assert [r["advantage"] for r in log[3 * s: 3 * s + 3]] == pytest.approx(
+            [x - (sum(rewards) - x) / 2 for x in rewards])
+    with pytest.raises(UserError, match="samples_per_step"):
+        _run(shapes_root, tmp_path / "k0", space, _latency_model(space), samples_per_step=0)
+
+
 def test_search_rejects_a_latency_model_of_another_space(tmp_path, shapes_root, tiny_space):
     lat = _latency_model(tiny_space(("ibn",)))
     with pytest.raises(UserError, match="latency model was fit for search space"):

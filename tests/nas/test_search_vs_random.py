@@ -47,7 +47,7 @@ def test_summary_counts_beaten_architectures_and_checks_the_latency_goal():
 def test_merge_keeps_rows_trained_elsewhere_and_refuses_other_settings():
     meta = {"target_ms": 30.0, "steps": 1500, "recipe": "r", "set": []}
     old = {"meta": meta, "rows": [_row("searched", 0.1, 30), _row("random_0", 0.3, 30)]}
-    new = {"meta": {**meta, "steps": 800}, "rows": [_row("searched", 0.4, 31)]}
+    new = {"meta": {**meta, "steps": 800, "search_args": "--samples-per-step 4"}, "rows": [_row("searched", 0.4, 31)]}
     merged = svr.merge(old, new)
     assert [(r["name"], r["map"]) for r in merged["rows"]] == [("searched", 0.4), ("random_0", 0.3)]
     with pytest.raises(SystemExit, match="other settings"):
