@@ -52,3 +52,14 @@ def test_merge_keeps_rows_trained_elsewhere_and_refuses_other_settings():
     assert [(r["name"], r["map"]) for r in merged["rows"]] == [("searched", 0.4), ("random_0", 0.3)]
     with pytest.raises(SystemExit, match="other settings"):
         svr.merge(old, {**new, "meta": {**meta, "set": ["optim.lr=0.1"]}})
+
+
+def test_latency_is_the_fastest_of_interleaved_rounds(monkeypatch):
+    lat = LatencyModel.load(LATENCY_MODEL)
+    calls = iter([30.0, 40.0, 33.0, 28.0, 31.0, 45.0])  # rounds x rows, row order within a round
+    monkeypatch.setattr(svr, "measure_latency", lambda *a, **k: next(calls))
+    choices = svr.matched_random(lat, 30.0, 0.1, 2, seed=0)
+    result = {"rows": [{"name": "searched", "choices": choices[0]}, {"name": "random_0", "choices": choices[1]}]}
+    rows = svr.add_latency(result, lat, rounds=3)["rows"]
+    assert rows[0]["measured_rounds_ms"] == [30.0, 33.0, 31.0] and rows[0]["measured_ms"] == 30.0
+    assert rows[1]["measured_rounds_ms"] == [40.0, 28.0, 45.0] and rows[1]["measured_ms"] == 28.0
