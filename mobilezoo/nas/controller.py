@@ -79,15 +79,12 @@ class Controller(nn.Module):
 
     def update(self, choices: list[int], reward: float, lr_scale: float = 1.0) -> float:
         """One REINFORCE step on one sample; returns the advantage used."""
-        if not bool(self.has_baseline):
+        if not bool(self.has_baseline):  # the first advantage is 0
             self.baseline.fill_(reward)
             self.has_baseline.fill_(True)
         advantage = float(reward - self.baseline)
-        self._set_lr(lr_scale)
-        self.optimizer.zero_grad()
-        (-advantage * self.log_prob(choices)).backward()
-        self.optimizer.step()
-        self.baseline.mul_(self.momentum).add_((1 - self.momentum) * reward)
+        self._step([choices], [advantage], lr_scale)
+        self._track_baseline(reward)
         return advantage
 
     def update_group(self, choices: list[list[int]], rewards: list[float], lr_scale: float = 1.0) -> list[float]:
@@ -98,21 +95,25 @@ class Controller(nn.Module):
             raise UserError(f"update_group needs K >= 2 samples and as many rewards, got {k} and {len(rewards)}")
         total = sum(rewards)
         advantages = [r - (total - r) / (k - 1) for r in rewards]
-        self._set_lr(lr_scale)
-        self.optimizer.zero_grad()
-        (-sum(a * self.log_prob(c) for a, c in zip(advantages, choices)) / k).backward()
-        self.optimizer.step()
-        mean = total / k
-        if not bool(self.has_baseline):
-            self.baseline.fill_(mean)
-            self.has_baseline.fill_(True)
-        self.baseline.mul_(self.momentum).add_((1 - self.momentum) * mean)
+        self._step(choices, advantages, lr_scale)
+        self._track_baseline(total / k)
         return advantages
 
-    def _set_lr(self, lr_scale: float) -> None:
+    def _step(self, choices: list[list[int]], advantages: list[float], lr_scale: float) -> None:
+        """One Adam step on the loss -mean(advantage * log p(choices))."""
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
             g["lr"] = g["base_lr"] * lr_scale
+        self.optimizer.zero_grad()
+        (-sum(a * self.log_prob(c) for a, c in zip(advantages, choices)) / len(choices)).backward()
+        self.optimizer.step()
+
+    def _track_baseline(self, reward: float) -> None:
+        """EMA of the rewards; it starts at the first one."""
+        if not bool(self.has_baseline):
+            self.baseline.fill_(reward)
+            self.has_baseline.fill_(True)
+        self.baseline.mul_(self.momentum).add_((1 - self.momentum) * reward)
 
     def full_state(self) -> dict:
         """Logits, baseline and Adam state (for resumable searches); a copy, not views of live tensors."""
