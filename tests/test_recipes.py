@@ -201,3 +201,45 @@ def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(str(p))
     assert str(p) in str(e.value)
+
+
+# --- numbers as people write them ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1e-5", 1e-5), ("1E-3", 1e-3), ("2e+1", 20.0),
+                                         ("0.00001", 1e-5), ('"5e-4"', 5e-4), ("1_0e-2", 0.1), (".5e-1", 0.05)])
+def test_numbers_with_an_exponent_are_numbers(text, value):
+    # PyYAML (YAML 1.1) reads a mantissa without a dot as text: 1e-5 used to stay the string '1e-5'
+    r = load_recipe("classify_digits", [f"optim.lr={text}", f"optim.weight_decay={text}"])
+    assert isinstance(r.optim.lr, float) and r.optim.lr == pytest.approx(value, rel=1e-12)
+    assert isinstance(r.optim.weight_decay, float) and r.optim.weight_decay == pytest.approx(value, rel=1e-12)
+
+
+def test_integer_fields_take_integral_numbers_in_any_spelling():
+    r = load_recipe("classify_digits", ["train.epochs=1e1", "data.batch_size=32.0", "data.limit_train=1_000"])
+    assert (r.train.epochs, r.data.batch_size, r.data.limit_train) == (10, 32, 1000)
+    assert all(type(v) is int for v in (r.train.epochs, r.data.batch_size, r.data.limit_train))
+
+
+def test_a_recipe_file_with_exponents(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1e-5\n  betas: [0.9, 0.999]\ntrain:\n  epochs: 2\n")
+    r = load_recipe(str(path))
+    assert r.optim.lr == 3e-4 and r.optim.weight_decay == 1e-5
+
+
+def test_a_saved_recipe_reads_back_its_small_numbers(tmp_path):
+    r = load_recipe("classify_digits", ["optim.lr=1e-5", "optim.weight_decay=3e-7"])
+    r.save(tmp_path / "config.yaml")
+    again = load_recipe(str(tmp_path / "config.yaml"))
+    assert again.optim.lr == 1e-5 and again.optim.weight_decay == 3e-7
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.weight_decay=abc", "optim.weight_decay"), ("optim.lr=[1, 2]", "optim.lr"),
+    ("train.epochs=2.5", "train.epochs"), ("train.epochs=true", "train.epochs"),
+    ("optim.grad_clip=.nan", "optim.grad_clip"), ("data.limit_train=ten", "data.limit_train"),
+    ("data.skip_bad_samples=1", "data.skip_bad_samples"), ("model.checkpoint=[a]", "model.checkpoint"),
+])
+def test_a_value_of_the_wrong_type_names_its_field(override, field):
+    with pytest.raises(RecipeError, match=rf"^{field} must be .*got"):
+        load_recipe("classify_digits", [override])

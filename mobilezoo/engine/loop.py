@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -18,11 +19,21 @@ from tqdm import tqdm
 from ..errors import TrainingDiverged, UserError
 from ..models.weights import load_weights
 from ..recipes import Recipe, load_recipe
-from .checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpoint, save_checkpoint
+from .batchnorm import one_sample_batchnorm, recalibrate_bn
+from .checkpoint import (
+    EMA_WEIGHTS,
+    RUN_FILES,
+    STATE,
+    WEIGHTS,
+    checkpoint_epoch,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .distributed import (
     DistInfo,
     ShardSampler,
     all_reduce_sum,
+    broadcast_object,
     convert_sync_batchnorm,
     init_distributed,
     is_distributed,
@@ -135,35 +146,6 @@ def evaluate(model: nn.Module, loader: DataLoader, task, ctx: Context) -> dict:
     return out
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task, ctx: Context) -> None:
-    """Recompute BatchNorm running statistics as a plain average over `num_batches` batches.
-
-    Short from-scratch runs with the official momentum (0.01) leave running statistics far from
-    the data; this restores them (see DESIGN.md, 'Facts measured'). Under DDP the synced
-    BatchNorm already averages over ranks, so every rank must see the same number of batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or num_batches <= 0 or len(loader) == 0:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    was_training = model.training
-    model.train()
-    with torch.random.fork_rng(devices=[]):  # drop path would consume the training RNG
-        for i, batch in enumerate(loader):
-            if i >= num_batches:
-                break
-            batch.pop("skipped", 0)
-            if batch:
-                with ctx.autocast():
-                    task.forward(model, ctx.batch(batch))
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    model.train(was_training)
-
-
 def calibration_loader(task, recipe: Recipe, ctx: Context) -> DataLoader:
     """Training samples with eval transforms in a fixed shuffled order, equal batches per rank."""
     dataset = task.calibration_dataset()
@@ -179,19 +161,67 @@ def _log(ctx: Context, msg: str) -> None:
         tqdm.write(msg)
 
 
-def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train per the recipe into `recipe.out`; with `resume`, continue from its last checkpoint.
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> int | None:
+    """Check what the run folder holds against the request; returns the epoch to resume from.
+
+    A finished run is not resumed (it may be extended with more epochs); a folder holding a run is
+    never trained into afresh unless `overwrite`, which first removes the old run's files."""
+    if resume:
+        epoch = checkpoint_epoch(run_dir)
+        if epoch is not None and epoch >= recipe.train.epochs:
+            raise UserError(f"{run_dir}: the run is complete ({epoch} of {recipe.train.epochs} epochs); "
+                            f"to train it longer, resume with a larger --epochs")
+        return epoch
+    held = [n for n in (*RUN_FILES, "config.yaml") if (run_dir / n).exists()]
+    if held and not overwrite:
+        raise UserError(f"{run_dir}: already holds a run ({', '.join(held[:3])}); continue it with --resume "
+                        f"or replace it with --overwrite")
+    if held:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def _on_main(ctx: Context, fn):
+    """`fn()` run on the main rank only, its result (or its UserError) given to every rank."""
+    result = error = None
+    if ctx.dist.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _any_rank(flag: bool, ctx: Context) -> bool:
+    """True when `flag` holds on any rank (on the device NCCL needs)."""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum(torch.tensor(float(flag), device=ctx.device)).item() > 0
+
+
+def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = None,
+        overwrite: bool = False) -> dict:
+    """Train per the recipe into `recipe.out`; with `resume`, continue from its last checkpoint
+    (from the start if it has none yet); with `overwrite`, replace a run already in that folder.
 
     `stop_after` ends this invocation after that many epochs, leaving a resumable run."""
     device = resolve_device(recipe.train.device)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     ctx = Context(device, recipe.train.precision, init_distributed(device), recipe.train.channels_last)
+    run_dir = Path(recipe.out)
+    resume_from = _on_main(ctx, lambda: _prepare_run_dir(run_dir, recipe, resume, overwrite))
+    if resume and resume_from is None:
+        _log(ctx, f"{run_dir}: no checkpoint yet (killed in its first epoch): starting from epoch 1")
+    resume = resume_from is not None
     world = ctx.dist.world_size
     if recipe.data.batch_size % world:
         raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by the "
                         f"{world} processes (it is the global batch)")
-    run_dir = Path(recipe.out)
     if ctx.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.train.seed)
@@ -227,11 +257,13 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     start_epoch, step, history = 0, 0, []
     if resume:
         state = load_checkpoint(run_dir, model, optimizer, scheduler, ema)
+        _log(ctx, f"resuming {run_dir} after epoch {state['epoch']} of {recipe.train.epochs}")
         start_epoch, step = state["epoch"], state["step"]
-        history = _read_history(run_dir)[: start_epoch]
-    elif ctx.dist.is_main:
-        (run_dir / "metrics.jsonl").write_text("")
+        # The checkpoint carries the records of its epochs: a run killed after a checkpoint but
+        # before its metrics line got out loses no line.
+        history = state["extra"].get("history") or _read_history(run_dir)[: start_epoch]
     if ctx.dist.is_main:
+        _write_history(run_dir, history)
         recipe.save(run_dir / "config.yaml")
 
     calib_loader = None
@@ -252,14 +284,19 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
                    disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
         for batch in bar:
             skipped += batch.pop("skipped", 0)
+            # Every sample of a batch unreadable (on any rank): the step is skipped on all ranks
+            # alike, so that DDP's gradient reduction stays in step.
+            if _any_rank(not batch, ctx):
+                continue
             batch = ctx.batch(batch)
-            with ctx.autocast():
+            with ctx.autocast(), one_sample_batchnorm(train_model):
                 loss = task.loss(train_model, batch)
             finite = torch.isfinite(loss.detach()).float()
             if all_reduce_sum(finite.clone()).item() < world:
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept in {run_dir} (try a lower optim.lr)")
+                kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if (run_dir / STATE).is_file()
+                        else "no checkpoint was written yet")
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped; "
+                                       f"{kept} (try a lower optim.lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.optim.grad_clip:
@@ -286,7 +323,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
             record.update({f"val_{k}": v for k, v in metrics.items() if not isinstance(v, list)})
         history.append(record)
         if ctx.dist.is_main:
-            save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema)
+            save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema, {"history": history})
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             n_bad = record["train_skipped"]
@@ -310,6 +347,12 @@ def _read_history(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None):

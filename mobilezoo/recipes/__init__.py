@@ -1,6 +1,8 @@
 """Recipes: a task + model + data + schedule, as dataclasses loaded from YAML with every field defaulted."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,21 @@ import yaml
 from ..errors import RecipeError
 
 RECIPE_DIR = Path(__file__).parent
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-5` or `3E4`, with no dot, as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text as Python values, numbers with an exponent read as floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -88,7 +105,7 @@ class Recipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _build(cls, values: dict, where: str):
+def _build(cls, values: dict, where: str, section: str = "", source: str = ""):
     if not isinstance(values, dict):
         raise RecipeError(f"{where}: expected a mapping, got {type(values).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -101,8 +118,58 @@ def _build(cls, values: dict, where: str):
         default = getattr(cls(), k) if k in known else None
         if isinstance(v, dict) and not isinstance(default, dict) and not is_dataclass(default):
             raise RecipeError(f"{where}.{k}: is a value, not a section (got {v!r})")
-        kwargs[k] = _build(type(default), v, f"{where}.{k}") if is_dataclass(default) else v
+        kwargs[k] = (_build(type(default), v, f"{where}.{k}", f"{section}{k}.", source or where)
+                     if is_dataclass(default) else _coerce(v, known[k].type, f"{section}{k}", source or where))
     return cls(**kwargs)
+
+
+def _number(v, kind: type):
+    """`v` as an int or float, from a number or from any way a person writes one ('1e-5', '3E-4',
+    '1_000', '.5'): YAML 1.1 reads '1e-5' (no dot) as a string. None if it is not one."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v.strip()) if kind is float else _int_text(v.strip())
+        except ValueError:
+            return None
+    if kind is float and isinstance(v, (int, float)):
+        return float(v) if math.isfinite(v) else None
+    if kind is int and isinstance(v, float) and v.is_integer():
+        return int(v)  # 1e3 or 1000.0 for an integer field
+    return v if isinstance(v, kind) else None
+
+
+def _int_text(text: str) -> int | float:
+    try:
+        return int(text, 0)
+    except ValueError:
+        return float(text)
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(value, annotation: str, name: str, where: str):
+    """A scalar field's value as its declared type (optionally None): numbers from any spelling,
+    a number given for a text field as its text. A value of the wrong type is a RecipeError
+    naming the field."""
+    kinds = [t.strip() for t in str(annotation).split("|")]
+    kind = next((_SCALARS[t] for t in kinds if t in _SCALARS), None)
+    if kind is None or (value is None and "None" in kinds):
+        return value
+    if kind is str:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        converted = str(value) if ok else value
+    elif kind is bool:
+        converted = value
+    else:
+        converted = _number(value, kind)
+    if not isinstance(converted, kind) or (kind is not bool and isinstance(converted, bool)):
+        expected = {int: "an integer", float: "a number", str: "text", bool: "true or false"}[kind]
+        raise RecipeError(f"{name} must be {expected}{' or null' if 'None' in kinds else ''}, got {value!r} "
+                          f"(in {where})")
+    return converted
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -132,7 +199,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | dict | N
         path = recipe_path(name_or_path)
         where = str(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     for key, value in _pairs(overrides):
@@ -159,7 +226,7 @@ def _pairs(overrides) -> list[tuple[str, Any]]:
             raise RecipeError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
         key, raw = item.split("=", 1)
         try:
-            pairs.append((key.strip(), yaml.safe_load(raw)))
+            pairs.append((key.strip(), parse_yaml(raw)))
         except yaml.YAMLError:
             raise RecipeError(f"override {item!r}: value is not valid YAML") from None
     return pairs

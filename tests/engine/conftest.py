@@ -19,7 +19,7 @@ def shapes_folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides():
     """Builds recipe overrides for a seconds-long tiny-MOAT-0 run at 32 px."""
     return _tiny_overrides
