@@ -1,19 +1,16 @@
 """Checkpoints as one unit: a failure inside any write keeps the previous checkpoint, a kill between
 the renames is finished on resume, a mismatched weights/state pair is refused; finished and
-existing runs; one-sample and all-bad batches in training."""
+existing runs."""
 import errno
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from mobilezoo.engine import checkpoint as ckpt
 from mobilezoo.engine import fit
-from mobilezoo.engine.batchnorm import one_sample_batchnorm
 from mobilezoo.errors import TrainingDiverged, UserError
 from mobilezoo.models import CheckpointError
 from mobilezoo.recipes import load_recipe
@@ -169,51 +166,3 @@ def test_nan_before_any_checkpoint_says_none_was_kept(shapes_folder, tiny_overri
     with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
         _fit(tiny_overrides(shapes_folder, run))
     assert not (run / "trainer_state.pt").exists()
-
-
-# --- batches that lose samples ----------------------------------------------------------------------
-
-def _bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-
-
-def test_one_sample_batchnorm_trains_where_plain_batchnorm_fails():
-    net = _bn_net().train()
-    x = torch.randn(1, 3, 6, 6)
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        net(x)
-    last = net[4]
-    running = last.running_mean.clone(), last.running_var.clone()
-    tracked = net[1].num_batches_tracked.item()
-    with one_sample_batchnorm(net):
-        net(x).sum().backward()
-    # the 1x1 layer normalised with its running statistics, left them alone, and still learns
-    assert torch.equal(last.running_mean, running[0]) and torch.equal(last.running_var, running[1])
-    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
-    assert net[1].num_batches_tracked == tracked + 1  # 16 values per channel on its 4x4 map: batch statistics
-    assert all(m.training for m in net.modules())
-    assert not net[1]._forward_pre_hooks and not net[1]._forward_hooks
-
-
-def test_one_sample_batchnorm_changes_nothing_for_larger_batches():
-    x = torch.randn(3, 3, 6, 6)
-    plain, guarded = _bn_net().train(), _bn_net().train()
-    with one_sample_batchnorm(guarded):
-        assert torch.equal(guarded(x), plain(x))
-
-
-def test_batch_size_one_with_unreadable_samples_trains_and_counts_them(shapes_folder, tiny_overrides, tmp_path,
-                                                                       make_image_folder):
-    """tiny-MOAT-0 at 32 px ends on 1x1 maps: batch 1 hit BatchNorm's error, and a batch whose only
-    sample is unreadable came back without an 'image'."""
-    root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3, size=16)
-    for name in ("a/a_0.png", "b/b_1.png"):
-        (root / "train" / name).write_bytes(np.random.default_rng(1).bytes(300))
-    run = tmp_path / "run"
-    _fit(tiny_overrides(root, run, epochs=2, batch=1, **{"data.skip_bad_samples": True}))
-    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train_skipped"] for r in records] == [2, 2]
-    assert [r["step"] for r in records] == [4, 8]  # 6 batches an epoch, 2 of them empty
-    assert all(np.isfinite(r["train_loss"]) for r in records)
