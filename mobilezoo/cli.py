@@ -118,7 +118,7 @@ def cmd_train(args) -> int:
         recipe = load_recipe(str(run / "config.yaml"), _overrides(args) + [f"out={json.dumps(str(run))}"])
     else:
         recipe = load_recipe(args.recipe or "classify_digits", _overrides(args))
-    fit(recipe, build_task(recipe), resume=bool(args.resume), stop_after=args.stop_after)
+    fit(recipe, build_task(recipe), resume=bool(args.resume), stop_after=args.stop_after, overwrite=args.overwrite)
     return 0
 
 
@@ -157,25 +157,55 @@ def _with_runtime(args, model):
     return OrtModel(path, threads=args.threads)
 
 
+def _skip_and_warn(skipped: list[str]):
+    """A handler for unreadable inputs: one warning line on stderr naming each, and a tally."""
+    def on_bad_sample(e: BaseException) -> None:
+        skipped.append(_one_line(e))
+        print(f"mobilezoo predict: warning: skipped {skipped[-1]}", file=sys.stderr)
+    return on_bad_sample
+
+
+def _tally_skipped(skipped: list[str], predicted: int) -> None:
+    """One closing line counting the skipped inputs; an error if nothing at all could be read."""
+    from .errors import DataError
+    if not skipped:
+        return
+    if not predicted:
+        raise DataError(f"none of the inputs could be read ({len(skipped)} skipped)")
+    print(f"mobilezoo predict: {len(skipped)} unreadable inputs skipped, {predicted} predicted", file=sys.stderr)
+
+
 def cmd_predict(args) -> int:
     import torch
 
     from .engine import load_run, resolve_device
     from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
+    if args.annotations and task.name != "detect":
+        raise UserError(f"--annotations is for detection runs; {args.run} is a {task.name} run")
     device = resolve_device(recipe.train.device) if args.runtime != "onnxruntime" else torch.device("cpu")
     model = _with_runtime(args, model.to(device))
+    skipped: list[str] = []
+    opts = {"device": device, "on_bad_sample": _skip_and_warn(skipped) if args.skip_bad_samples else None}
+
     if task.name == "segment3d":  # <case>_seg.nii.gz + <case>_overlay.png per case; JSON list on stdout
         out = Path(args.out or Path(args.run) / "predictions")
-        print(json.dumps(task.predict(model, args.inputs, out_dir=out, device=device), indent=2))
+        cases = task.predict(model, args.inputs, out_dir=out, **opts)
+        _tally_skipped(skipped, len(cases))
+        print(json.dumps(cases, indent=2))
         return 0
     if task.name == "detect":  # COCO-results JSON + one PNG per image with the boxes drawn
         out = Path(args.out or Path(args.run) / "predictions")
-        preds = task.predict(model, args.inputs, out_dir=out, device=device, score_thresh=args.score_thresh)
-        print(f"{len(preds)} boxes with score >= {args.score_thresh}; wrote {out / 'predictions.json'} "
-              f"and drawings in {out}")
+        preds = task.predict(model, args.inputs, out_dir=out, score_thresh=args.score_thresh,
+                             annotations=args.annotations, **opts)
+        _tally_skipped(skipped, preds.images)
+        print(f"{len(preds)} boxes with score >= {args.score_thresh} on {preds.images} images; "
+              f"wrote {out / 'predictions.json'} and drawings in {out}")
+        for note in preds.ids.notes():
+            print(f"mobilezoo predict: {note}", file=sys.stderr if note.startswith("warning") else sys.stdout)
         return 0
-    preds = task.predict(model, args.inputs, topk=args.topk, device=device)
+    preds = task.predict(model, args.inputs, topk=args.topk, **opts)
+    _tally_skipped(skipped, len(preds))
     text = write_predictions(preds, Path(args.out) if args.out else None)
     if not args.out:
         print(text)
@@ -197,13 +227,17 @@ def cmd_export(args) -> int:
     recipe, task, model = load_run(src, [f"data.name={json.dumps(args.calib_data)}"] if args.calib_data else [])
     x = task.example_inputs(args.check_samples)
     out = Path(args.out or src / "model.onnx")
-    raw = task.name == "detect" and (args.detector_mode == "raw" or args.int8)
-    dynamic = args.dynamic_batch or raw
-    # A fixed-batch graph is exported at batch 1 (ONNX Runtime runs larger batches in chunks);
-    # the parity check then runs on every sample.
-    summary = export_onnx(model, x if dynamic else x[:1], out, task.name, opset=args.opset,
-                          dynamic_batch=dynamic, detector_mode="raw" if raw else "full")
-    parity = check_onnx(model, out, x, task.name) if len(x) > 1 and not dynamic else summary.get("parity")
+    if args.mode and args.mode not in task.export_modes:
+        raise UserError(f"--graph {args.mode}: a {task.name} run exports one graph"
+                        + (f" (choose from {', '.join(task.export_modes)})" if task.export_modes else ""))
+    mode = task.int8_mode if args.int8 and task.int8_mode else args.mode
+    # The graph INT8 needs takes any batch (calibration and evaluation batches); another graph is
+    # exported at batch 1 unless asked (ONNX Runtime runs larger batches in chunks), and the parity
+    # check then runs on every sample.
+    dynamic = args.dynamic_batch or (mode is not None and mode == task.int8_mode)
+    summary = export_onnx(model, x if dynamic else x[:1], out, task, opset=args.opset,
+                          dynamic_batch=dynamic, mode=mode)
+    parity = check_onnx(model, out, x, task) if len(x) > 1 and not dynamic else summary.get("parity")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); parity with PyTorch on {len(x)} samples of "
           f"{recipe.data.name}: {json.dumps(parity)}")
     if args.int8:
@@ -345,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     s.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop after this many epochs of this invocation (resume later)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the output folder (refused without this flag)")
     _add_recipe_flags(s, training=True)
     s.set_defaults(fn=cmd_train)
 
@@ -365,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "detection: folder for predictions.json + PNGs (default RUN/predictions)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    s.add_argument("--annotations", metavar="FILE",
+                   help="detection: the COCO instances JSON the images belong to, whose image ids predictions.json "
+                   "then carries (default: ROOT/annotations/instances_<split>.json beside images in ROOT/<split>/; "
+                   "images in no such file get file_name only)")
+    s.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip unreadable inputs (each named in a warning, then counted) instead of stopping")
     _add_runtime_flags(s)
     s.set_defaults(fn=cmd_predict)
 
@@ -397,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="ONNX file (default RUN/model.onnx)")
     s.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     s.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
-    s.add_argument("--detector-mode", choices=["full", "raw"], default="full",
-                   help="detectors: full = decoding + NMS in the graph; raw = heads only, anchors beside")
+    s.add_argument("--graph", "--detector-mode", dest="mode", metavar="MODE",
+                   help="a task's alternative graph; detectors: full (default) = decoding + NMS in the graph, "
+                   "raw = heads only, anchors beside")
     s.add_argument("--check-samples", type=int, default=4, help="real samples the parity check runs on")
     s.add_argument("--int8", action="store_true", help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx")
     s.add_argument("--calib-data", help="data root for INT8 calibration (default: the run's own training data)")
@@ -462,6 +505,14 @@ def _one_line(e: BaseException) -> str:
     return line
 
 
+def _os_error(e: OSError, args) -> str:
+    """'PATH: reason' for a failed file operation; writes report no file name, so the output the
+    command was given stands in for it."""
+    path = e.filename or getattr(args, "out", None) or getattr(args, "run", None) or getattr(args, "resume", None)
+    reason = e.strerror or str(e)
+    return f"{path}: {reason}" if path else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2, Ctrl-C exits 130."""
     args = build_parser().parse_args(argv)
@@ -472,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
+    except OSError as e:  # an output folder below a file, read-only, or a full disk
+        print(f"mobilezoo {args.command}: error: {_os_error(e, args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"mobilezoo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,3 +19,7 @@ class DataError(UserError, ValueError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ParityError(UserError, RuntimeError):
+    """An exported model does not compute what the torch model computes on the given inputs."""

@@ -486,3 +486,61 @@ def test_onnxruntime_without_an_export_is_a_one_line_error(capsys, trained, tmp_
 def test_bench_memory_names_the_supported_model(capsys):
     rc, _, err = cli(capsys, "bench", "--memory", "moat_0")
     assert rc == 2 and "revunet3d" in error_line(err, "bench")
+
+
+# --- numbers on the command line -------------------------------------------------------------------
+
+def test_small_learning_rates_reach_the_recipe(capsys, tmp_path):
+    from mobilezoo.cli import _overrides, build_parser
+    from mobilezoo.recipes import load_recipe
+    args = build_parser().parse_args(["train", "--lr", "0.00001", "--set", "optim.weight_decay=1e-5",
+                                      "--set", "optim.min_lr_ratio=3e-4"])
+    r = load_recipe("classify_digits", _overrides(args))
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.min_lr_ratio) == (1e-5, 1e-5, 3e-4)
+
+
+def test_a_non_number_is_one_line_naming_the_field(capsys, tmp_path):
+    rc, _, err = cli(capsys, "train", "--set", "optim.weight_decay=lots", "--out", tmp_path / "run")
+    assert rc == 2
+    assert "optim.weight_decay" in error_line(err, "train")
+    assert not (tmp_path / "run").exists()
+
+
+# --- finished and existing runs, outputs that cannot be written ----------------------------------------
+
+def test_resuming_a_finished_run_says_it_is_complete(trained, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    rc, _, err = cli(capsys, "train", "--resume", trained)
+    assert rc == 2
+    line = error_line(err, "train")
+    assert str(trained) in line and "complete (1 of 1 epochs)" in line and "--epochs" in line
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_training_into_a_run_folder_needs_overwrite(trained, data_root, capsys, tmp_path):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    rc, _, err = cli(capsys, "train", "--data", data_root, "--out", trained, *TINY)
+    assert rc == 2
+    assert str(trained) in error_line(err, "train") and "--overwrite" in error_line(err, "train")
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    rc, _, err = cli(capsys, "train", "--data", data_root, "--out", copy, *TINY, "--seed", "4", "--overwrite")
+    assert rc == 0, err
+    assert (copy / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "read_only"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(data_root, capsys, tmp_path, where):
+    (tmp_path / "plain.txt").write_text("x")
+    out = tmp_path / "plain.txt" / "run" if where == "below_a_file" else Path("/sys/mobilezoo_run")
+    rc, _, err = cli(capsys, "train", "--data", data_root, "--out", out, *TINY)
+    assert rc == 2
+    assert str(out) in error_line(err, "train")
+
+
+def test_predict_onto_a_full_disk_is_one_line(trained, data_root, capsys):
+    rc, _, err = cli(capsys, "predict", trained, data_root / "val" / "cat", "--out", "/dev/full")
+    assert rc == 2
+    line = error_line(err, "predict")
+    assert "/dev/full" in line and "No space left on device" in line

@@ -1,11 +1,11 @@
 """ONNX Runtime sessions that stand in for a torch model in `evaluate()` and `predict()`.
 
-`OrtModel(path)` returns what the torch model returns in eval mode: logits for classifiers, video
-and 3D models; for detectors a list of {"boxes", "scores", "labels"} dicts. A detector exported
-with `detector_mode="raw"` (box regression + class logits only, e.g. for INT8) is decoded here by
-the detector's own postprocess (sigmoid, top-k per class, box decoding, per-class NMS) in fp32,
-with the anchors saved beside the file. Files written by `deploy.export` carry their task and
-decoding settings in the ONNX metadata (keys below); other ONNX files run as plain networks.
+`OrtModel(path)` returns what the torch model returns in eval mode, as the task named in the file's
+metadata rebuilds it from the graph's outputs (`Task.onnx_result`): logits for classifiers, video
+and 3-D models; for detectors a list of {"boxes", "scores", "labels"} dicts (a raw-heads graph is
+decoded by the detector's own postprocess in fp32, with the anchors saved beside the file). Arrays
+a graph needs beside it are `<name>.<key>.npy`, listed in its metadata. ONNX files written
+elsewhere (no task in their metadata) run as plain networks.
 """
 from __future__ import annotations
 
@@ -18,47 +18,17 @@ import torch
 from ..errors import UserError
 
 META_TASK = "mobilezoo.task"
-META_DETECTOR_MODE = "mobilezoo.detector_mode"
-META_DECODER = "mobilezoo.decoder"  # JSON: the detector's postprocess settings (raw mode)
+META_ARRAYS = "mobilezoo.arrays"  # JSON list of the arrays saved beside the file
 META_QUANTIZATION = "mobilezoo.quantization"  # JSON: settings of an INT8 file
 
 
 class OnnxModelError(UserError, ValueError):
-    """An ONNX file (or its anchors file) that cannot be loaded or does not fit its input."""
+    """An ONNX file (or an array file beside it) that cannot be loaded or does not fit its input."""
 
 
-def anchors_path(onnx_path: str | Path) -> Path:
-    """Where a raw-mode detector's anchors live: `model.onnx` -> `model.anchors.npy`."""
-    return Path(onnx_path).with_suffix(".anchors.npy")
-
-
-class DetectionDecoder:
-    """The detector's own postprocess over raw head outputs, rebuilt from the settings in the file."""
-
-    KEYS = ("num_classes", "background", "score_thresh", "nms_iou", "detections_per_img", "topk_candidates")
-
-    def __init__(self, anchors: torch.Tensor, config: dict):
-        from torchvision.models.detection._utils import BoxCoder
-        self.anchors = anchors
-        for k in self.KEYS:
-            setattr(self, k, config[k])
-        self.box_coder = BoxCoder(weights=tuple(config["box_coder_weights"]),
-                                  bbox_xform_clip=config["bbox_xform_clip"])
-
-    @staticmethod
-    def config_of(detector) -> dict:
-        """The settings of an SSDLite's postprocess, as stored in a raw-mode file."""
-        cfg = {k: getattr(detector, k) for k in DetectionDecoder.KEYS}
-        cfg["box_coder_weights"] = list(detector.box_coder.weights)
-        cfg["bbox_xform_clip"] = float(detector.box_coder.bbox_xform_clip)
-        return cfg
-
-    def __call__(self, regression: torch.Tensor, logits: torch.Tensor, image_size) -> list[dict]:
-        """List of {"boxes", "scores", "labels"}, one per image, exactly as the torch detector decodes."""
-        from ..models.ssdlite import SSDLite
-        # Call the detector's own method (it only reads the attributes set above), so decoding in
-        # deployment cannot drift from decoding in training/eval.
-        return SSDLite.postprocess(self, regression, logits, self.anchors, tuple(image_size))
+def array_path(onnx_path: str | Path, key: str) -> Path:
+    """Where an array a graph needs lives: `model.onnx` -> `model.<key>.npy`."""
+    return Path(onnx_path).with_suffix(f".{key}.npy")
 
 
 def session_options(threads: int | None = None, arena: bool = True):
@@ -92,17 +62,16 @@ class OrtModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
         self.task = meta.get(META_TASK)
-        self.detector_mode = meta.get(META_DETECTOR_MODE)
         inp = self.session.get_inputs()[0]
         self.input_name, self.input_shape = inp.name, list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.decoder = None
-        if self.task == "detect" and self.detector_mode == "raw":
-            apath = anchors_path(self.path)
+        self.arrays = {}
+        for key in json.loads(meta.get(META_ARRAYS, "[]")):
+            apath = array_path(self.path, key)
             if not apath.is_file():
-                raise OnnxModelError(f"{apath}: anchors file of the raw detector {self.path.name} not found "
-                                     "(export writes it beside the .onnx file)")
-            self.decoder = DetectionDecoder(torch.from_numpy(np.load(apath)), json.loads(meta[META_DECODER]))
+                raise OnnxModelError(f"{apath}: the {key} of {self.path.name} not found (export writes it "
+                                     "beside the .onnx file)")
+            self.arrays[key] = torch.from_numpy(np.load(apath))
 
     # torch-module habits the engine relies on; a session has no mode, device or memory format
     def eval(self) -> OrtModel:
@@ -138,20 +107,15 @@ class OrtModel:
 
     def __call__(self, x: torch.Tensor):
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-        if self.task == "detect" and self.detector_mode == "full":
-            # The full graph (decoding + NMS) takes one image: run the batch image by image.
-            out = []
-            for image in x:
-                boxes, scores, labels = (torch.from_numpy(a).to(device) for a in self.run(image[None]))
-                out.append({"boxes": boxes, "scores": scores, "labels": labels})
-            return out
-        outs = [torch.from_numpy(a) for a in self.run(x)]
-        if self.decoder is not None:
-            regression, logits = outs
-            dets = self.decoder(regression, logits, tuple(x.shape[-2:]))
-            return [{k: v.to(device) for k, v in d.items()} for d in dets]
-        outs = [o.to(device) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+
+        def run(batch):
+            return [torch.from_numpy(a).to(device) for a in self.run(batch)]
+
+        if self.task is None:
+            outs = run(x)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        from ..tasks import TASKS
+        return TASKS[self.task].onnx_result(run, x, self)
 
     def __repr__(self) -> str:
         return f"OrtModel({str(self.path)!r}, task={self.task!r}, inputs={self.input_shape})"

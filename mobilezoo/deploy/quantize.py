@@ -6,11 +6,11 @@ task's own data, and writes a QDQ model: int8 weights (per output channel by def
 activations, as ORT recommends for x86 CPUs. The file keeps the fp32 file's metadata, so
 `OrtModel` runs it the same way.
 
-Detectors: quantize the raw-heads export (`export_onnx(..., detector_mode="raw")`). The score
-threshold, box decoding and NMS then stay fp32 outside the graph (`OrtModel` decodes with the
-detector's own postprocess and the anchors file, copied beside the INT8 file): NMS and top-k are
-data-dependent selections that gain nothing from int8 and would put quantisation error on the
-boxes. A full-mode file (decoding + NMS inside) is refused.
+A task may refuse a graph (`Task.quantize_refusal`): detectors are quantized from their raw-heads
+export (the task's `int8_mode`), so that the score threshold, box decoding and NMS stay fp32
+outside the graph (`OrtModel` decodes with the detector's own postprocess and the anchors, copied
+beside the INT8 file): NMS and top-k are data-dependent selections that gain nothing from int8 and
+would put quantisation error on the boxes.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .ort import META_DETECTOR_MODE, META_QUANTIZATION, META_TASK, anchors_path
+from .ort import META_ARRAYS, META_QUANTIZATION, META_TASK, array_path
 
 METHODS = ("minmax", "percentile", "entropy")
 # The ops that carry the compute: int8 kernels for these are the speed-up; quantizing the element-wise
@@ -132,9 +132,11 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
         raise QuantizationError(f"{src}: ONNX file not found")
     model = onnx.load(str(src), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get(META_TASK) == "detect" and meta.get(META_DETECTOR_MODE) != "raw":
-        raise QuantizationError(f"{src}: a detector with decoding and NMS in the graph; quantize its raw-heads "
-                                "export instead (export with detector_mode='raw'), whose NMS stays fp32")
+    if meta.get(META_TASK):
+        from ..tasks import TASKS
+        refusal = TASKS[meta[META_TASK]].quantize_refusal(meta)
+        if refusal:
+            raise QuantizationError(f"{src}: {refusal}")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise QuantizationError(f"{src}: already quantized; start from the fp32 export")
     inp = model.graph.input[0]
@@ -166,8 +168,8 @@ def quantize_int8(fp32_onnx_path: str | Path, out_path: str | Path, calibration_
         settings["percentile"] = percentile
     onnx.helper.set_model_props(qmodel, {**meta, META_QUANTIZATION: json.dumps(settings)})
     onnx.save(qmodel, str(out))
-    if anchors_path(src).is_file():
-        shutil.copyfile(anchors_path(src), anchors_path(out))
+    for key in json.loads(meta.get(META_ARRAYS, "[]")):
+        shutil.copyfile(array_path(src, key), array_path(out, key))
     return out
 
 

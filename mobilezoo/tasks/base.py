@@ -1,26 +1,71 @@
 """What a task gives the engine: datasets, a model, a loss, a metric, and its own report."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from ..engine.metrics import SumMetric
-from ..errors import BadSampleError, DataError
+from ..errors import BadSampleError, DataError, ParityError
 from ..recipes import Recipe
+
+T = TypeVar("T")
+OnBadSample = Callable[[BadSampleError], None] | None
+# "decode_png, /build/dir/torchvision/csrc/io/image/cpu/decode_png.cpp:79, " before a decoder's complaint
+_SOURCE_LOCATION = re.compile(r"^.*?[^\s,]+\.(?:cpp|cc|cxx|c|h|hpp)(?::\d+)?,?\s*")
+
+
+def short_reason(e: BaseException) -> str:
+    """A library error as a short phrase: its first sentence, without the library's source location."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = str(e).strip().splitlines()
+    text = _SOURCE_LOCATION.sub("", lines[0] if lines else "").strip()
+    text = text.split(". ")[0].rstrip(". ")
+    if not text:
+        return type(e).__name__
+    return text[0].lower() + text[1:] if text[1:2].islower() else text
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 of a decoded image; 16-bit images (PNG) are scaled 0..65535 -> 0..255, as
+    `ToDtype(scale=True)` would, so that every task (and drawing) sees the same 8-bit pixels."""
+    if image.dtype == torch.uint16:
+        return (image.to(torch.float32) / 257).round().to(torch.uint8)
+    return image
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 RGB tensor (3, H, W) of an image file; BadSampleError naming the file otherwise."""
+    """uint8 RGB tensor (3, H, W) of an image file (8- or 16-bit); BadSampleError naming the file otherwise."""
     from torchvision.io import ImageReadMode, decode_image
     if not Path(path).is_file():
         raise BadSampleError(f"{path}: image file not found")
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as e:
-        raise BadSampleError(f"{path}: cannot read image ({str(e).splitlines()[0]})") from None
+        raise BadSampleError(f"{path}: cannot read image ({short_reason(e)})") from None
+    return to_uint8(image)
+
+
+def readable(items: Iterable[T], load: Callable[[T], object],
+             on_bad_sample: OnBadSample = None) -> Iterator[tuple]:
+    """(item, load(item)) for each item. An item whose load raises BadSampleError is handed to
+    `on_bad_sample` and skipped; without a handler the error propagates (the first bad input stops all)."""
+    for item in items:
+        try:
+            loaded = load(item)
+        except BadSampleError as e:
+            if on_bad_sample is None:
+                raise
+            on_bad_sample(e)
+            continue
+        yield item, loaded
 
 
 def expand_images(paths: list[str]) -> list[Path]:
@@ -47,15 +92,109 @@ def collate_skipping(samples: list) -> dict:
     return batch
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What a task's networks take, for export, benchmarks and latency: one sample's shape (no
+    batch) at the benchmark size and at a quick size, the throughput batches, and the memory
+    layout of inputs and weights when deployed."""
+
+    name: str  # the input's name in an exported graph
+    shape: tuple[int, ...]
+    batch: int
+    quick_shape: tuple[int, ...]
+    quick_batch: int
+    memory_format: torch.memory_format = torch.channels_last
+
+    def sample_shape(self, quick: bool = False) -> tuple[int, ...]:
+        """One sample's shape at the benchmark (or quick) size."""
+        return self.quick_shape if quick else self.shape
+
+    def batch_size(self, quick: bool = False) -> int:
+        """The throughput batch at the benchmark (or quick) size."""
+        return self.quick_batch if quick else self.batch
+
+
+@dataclass
+class ExportGraph:
+    """What an export traces and writes for a task: the module, input and output names, metadata
+    stored in the file, arrays written beside it (`<name>.<key>.npy`), and whether the graph takes
+    one sample at a time."""
+
+    module: nn.Module
+    input_name: str
+    output_names: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
+    one_sample: bool = False
+
+
 class Task:
-    """Base class; one subclass per task, registered in `tasks.TASKS` under `name`."""
+    """Base class; one subclass per task, registered in `tasks.TASKS` under `name`.
+
+    Besides training and evaluation, a task says everything family-specific that deployment
+    needs, at class level so that benchmarks can ask by model name without a recipe: `inputs`,
+    `network` (what is timed and exported) and `bench_model_kwargs` (a model built for timing)."""
 
     name = "base"
     input_key = "image"  # the batch field the model reads (export, calibration, latency)
     headline = ""  # the metric key that summarizes a run (e.g. to compare fp32 and INT8)
+    inputs = InputSpec("image", (3, 224, 224), 32, (3, 96, 96), 4)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+
+    @staticmethod
+    def network(model: nn.Module):
+        """The callable that is timed and exported: the whole model, unless a task says otherwise."""
+        return model
+
+    @classmethod
+    def bench_model_kwargs(cls, shape: tuple[int, ...]) -> dict:
+        """Constructor options of a model built for timing at one sample's `shape` (no data at hand)."""
+        return {}
+
+    # --- deployment: what an exported graph of this task holds --------------------------------
+
+    export_modes: tuple[str, ...] = ()  # alternative graphs a task can export (e.g. with or without NMS)
+    int8_mode: str | None = None  # the graph INT8 quantization needs, if not the default one
+    fully_convolutional = False  # may be exported with dynamic spatial sides
+
+    @classmethod
+    def export_graph(cls, net: nn.Module, x: torch.Tensor, mode: str | None = None) -> ExportGraph:
+        """The graph to trace from an export-ready network on example inputs `x`."""
+        if mode is not None and mode not in cls.export_modes:
+            raise ValueError(f"task {cls.name!r} exports one graph; got mode {mode!r}")
+        return ExportGraph(net, cls.inputs.name, ["logits"])
+
+    @classmethod
+    def onnx_result(cls, run, x: torch.Tensor, onnx):
+        """What the torch model returns, from an exported graph: `run(batch)` gives the graph's
+        outputs as tensors; `onnx` has the file's `metadata`, `arrays` and `path`."""
+        outs = run(x)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @classmethod
+    def check_parity(cls, model: nn.Module, onnx, x: torch.Tensor, atol: float, rtol: float) -> dict:
+        """The exported graph against the torch model on `x`: every output within
+        atol + rtol * max |output| (rtol matters only for outputs in the hundreds); ParityError if not."""
+        from ..engine.parity import max_abs_diff
+        diff, scale = max_abs_diff(model(x), onnx.run(x.cpu()))
+        tol = atol + rtol * scale
+        if not diff <= tol:  # also catches NaN
+            raise ParityError(f"{onnx.path}: ONNX output differs from the torch model by up to {diff:.3g} "
+                              f"(tolerance {tol:.3g}, outputs up to {scale:.3g}) on {x.shape[0]} inputs")
+        return {"task": cls.name, "samples": int(x.shape[0]), "max_abs_diff": diff, "max_abs_output": scale,
+                "tolerance": tol}
+
+    @classmethod
+    def quantize_refusal(cls, metadata: dict) -> str | None:
+        """Why a graph of this task cannot be INT8-quantized (None: it can)."""
+        return None
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape at the recipe's size (what the run's model takes)."""
+        s = self.recipe.data.img_size
+        return (self.inputs.shape[0], *([s] * (len(self.inputs.shape) - 1)))
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         """(train, val) datasets; also fills `recipe.data.class_names`."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from .. import data as embedded
 from ..engine.metrics import SumMetric
 from ..errors import BadSampleError, DataError
 from ..models import create_model
-from .base import Task, expand_images, read_image  # noqa: F401 (re-exported)
+from .base import OnBadSample, Task, expand_images, read_image, readable  # noqa: F401 (re-exported)
 
 GALLERY = 16  # val images drawn with their predictions in the report
 
@@ -54,6 +55,10 @@ class ImageFolder(Dataset):
             self.samples = make_dataset(str(root), self.class_to_idx, IMG_EXTENSIONS)
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from None
+        if len(self.classes) < 2:
+            # One class trains to loss 0 without learning anything: refuse it up front.
+            raise DataError(f"{root}: found only the class folder {self.classes[0]!r}; "
+                            "classification needs at least 2 classes (one folder per class)")
         self.root, self.transform, self.skip_bad = root, transform, skip_bad
 
     def __len__(self) -> int:
@@ -159,16 +164,14 @@ class ClassificationTask(Task):
                                label_smoothing=self.recipe.optim.label_smoothing)
 
     def metric(self):
-        self._gallery: list[tuple[torch.Tensor, int, int]] = []  # (image, predicted, true) for the report
+        self._gallery = GallerySample(GALLERY)  # (image, predicted, true) for the report
         return ClassificationMetric(self.num_classes)
 
     def eval_step(self, model, batch, metric):
         logits = model(batch["image"])
         metric.update(logits, batch["label"])
         for image, pred, label in zip(batch["image"], logits.argmax(1).tolist(), batch["label"].tolist()):
-            if len(self._gallery) >= GALLERY:
-                break
-            self._gallery.append((image.float().cpu(), pred, label))
+            self._gallery.add((image.float().cpu(), pred, label), pred, label)
 
     def summary(self, m: dict) -> str:
         return f"top-1 {100 * m['top1']:.2f}%, top-5 {100 * m['top5']:.2f}% on {m['count']} images"
@@ -179,22 +182,30 @@ class ClassificationTask(Task):
         confusion_png(metrics["confusion"], names, run_dir / "confusion.png")
         rows = "\n".join(f"| {n} | {100 * a:.1f}% |" for n, a in zip(names, metrics["per_class_acc"]))
         gallery = []
-        if getattr(self, "_gallery", None):
-            gallery_png(self._gallery, names, run_dir / "predictions.png")
-            gallery = ["Predictions on the first val images (predicted / true; red: wrong):", "",
+        sample = getattr(self, "_gallery", None)
+        items = sample.picked() if sample is not None else []
+        if items:
+            gallery_png(items, names, run_dir / "predictions.png")
+            wrong = sum(pred != true for _, pred, true in items)
+            shown = len({true for _, _, true in items})
+            gallery = [f"Predictions on {len(items)} val images spread over {shown} of {len(names)} classes, "
+                       f"misclassified ones first ({wrong} of {sample.wrong} wrong shown; "
+                       "predicted / true; red: wrong):", "",
                        "![predictions](predictions.png)", ""]
         return [*gallery, f"**val top-1 {100 * metrics['top1']:.2f}%**, top-5 {100 * metrics['top5']:.2f}% "
                 f"on {metrics['count']} images", "", "![confusion matrix](confusion.png)", "",
                 "| class | accuracy |", "|---|---|", rows]
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu") -> list[dict]:
-        """Top-k labels with probabilities for each image file (folders are expanded)."""
+    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu",
+                on_bad_sample: OnBadSample = None) -> list[dict]:
+        """Top-k labels with probabilities for each image file (folders are expanded); an unreadable
+        file goes to `on_bad_sample` and is left out, or without it raises BadSampleError."""
         files = expand_images(paths)
         tf, names = self.eval_transform(), self.recipe.data.class_names
         out = []
-        for f in files:
-            x = tf(read_image(f))[None].to(device)
+        for f, image in readable(files, read_image, on_bad_sample):
+            x = tf(image)[None].to(device)
             p = model(x).float().softmax(1)[0]
             val, idx = p.topk(min(topk, len(names)))
             out.append({"file": str(f), "topk": [{"label": names[i], "prob": round(v, 6)}
@@ -215,6 +226,39 @@ def stratified_subset(samples: list[tuple[str, int]], limit: int, seed: int = 0)
             if q and len(picked) < limit:
                 picked.append(q.pop(0))
     return sorted(picked)
+
+
+class GallerySample:
+    """Up to `limit` items kept from a stream: wrong predictions first, each group round-robin over true classes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.wrong = limit, 0
+        self._seen: Counter = Counter()  # (correct, true class) -> items seen so far
+        self._pool: list[tuple[tuple[bool, int, int], object]] = []
+
+    def add(self, item, pred: int, true: int) -> None:
+        """Offer one item with its predicted and true class."""
+        correct = pred == true
+        self.wrong += not correct
+        # A key fixed on arrival (group, rank within its class, arrival) makes keeping only the best
+        # `limit` so far equal to choosing over the whole stream, so memory stays bounded.
+        key = (correct, self._seen[correct, true], sum(self._seen.values()))
+        self._seen[correct, true] += 1
+        self._pool.append((key, item))
+        if len(self._pool) > 4 * self.limit:
+            self._pool = sorted(self._pool, key=lambda p: p[0])[:self.limit]
+
+    def picked(self) -> list:
+        """The kept items in display order."""
+        return [item for _, item in sorted(self._pool, key=lambda p: p[0])[:self.limit]]
+
+
+def select_gallery(preds: list[int], trues: list[int], limit: int = GALLERY) -> list[int]:
+    """Indices of the samples the report draws: misclassified first, spread across true classes."""
+    sample = GallerySample(limit)
+    for i, (p, t) in enumerate(zip(preds, trues)):
+        sample.add(i, p, t)
+    return sample.picked()
 
 
 def write_predictions(preds: list[dict], out: Path | None) -> str:

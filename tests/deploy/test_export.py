@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from mobilezoo.deploy.export import ExportError, ParityError, check_onnx, export_onnx, match_detections
-from mobilezoo.deploy.ort import OnnxModelError, OrtModel, anchors_path
+from mobilezoo.deploy.export import ExportError, check_onnx, export_onnx
+from mobilezoo.deploy.ort import OnnxModelError, OrtModel, array_path
+from mobilezoo.errors import ParityError
 from mobilezoo.errors import UserError
 from mobilezoo.models import create_model
+from mobilezoo.tasks.detection.export import match_detections
 
 ATOL = 1e-4
 
@@ -153,8 +155,7 @@ def detector(tmp_path_factory):
     images = shape_images(3)
     root = tmp_path_factory.mktemp("det")
     full = export_onnx(model, images, root / "full.onnx", "detect", threads=1)
-    raw = export_onnx(model, images, root / "raw.onnx", "detect", dynamic_batch=True, detector_mode="raw",
-                      threads=1)
+    raw = export_onnx(model, images, root / "raw.onnx", "detect", dynamic_batch=True, mode="raw", threads=1)
     return model, images, full, raw
 
 
@@ -163,7 +164,7 @@ def test_detector_full_graph_same_detections(detector):
     p = full["parity"]
     assert p["matched"] == 1.0 and p["compared"] >= 100
     assert p["min_iou"] >= 0.99 and p["max_score_diff"] <= 1e-3
-    assert full["input_shape"] == [1, 3, 160, 160] and full["anchors"] is None
+    assert full["input_shape"] == [1, 3, 160, 160] and full["arrays"] == {}
     nodes = [n.op_type for n in _all_nodes(onnx.load(full["path"]).graph)]
     assert "NonMaxSuppression" in nodes and "BatchNormalization" not in nodes
     with torch.no_grad():
@@ -179,8 +180,9 @@ def test_detector_full_graph_same_detections(detector):
 def test_detector_raw_heads_and_anchors_decode_like_the_full_graph(detector):
     model, images, full, raw = detector
     assert raw["parity"]["max_abs_diff"] <= ATOL and raw["parity"]["matched"] == 1.0
-    anchors = torch.from_numpy(np.load(raw["anchors"]))
-    assert raw["anchors"] == str(anchors_path(raw["path"])) and raw["num_anchors"] == anchors.shape[0]
+    anchors = torch.from_numpy(np.load(raw["arrays"]["anchors"]["path"]))
+    assert raw["arrays"]["anchors"] == {"path": str(array_path(raw["path"], "anchors")),
+                                        "shape": list(anchors.shape)}
     with torch.no_grad():
         regression, logits, sizes = model.head_outputs(images)
     assert torch.equal(anchors, model.anchors(sizes, (160, 160), "cpu"))
@@ -246,14 +248,16 @@ def test_user_errors(detector, tmp_path):
     model, images, _, raw = detector
     with pytest.raises(ExportError, match="task 'segment'"):
         export_onnx(model, images, tmp_path / "x.onnx", "segment")
-    with pytest.raises(ExportError, match="takes one image"):
+    with pytest.raises(ExportError, match="takes one sample at a time"):
         export_onnx(model, images, tmp_path / "x.onnx", "detect", dynamic_batch=True)
-    with pytest.raises(ExportError, match="detector_mode"):
-        export_onnx(model, images, tmp_path / "x.onnx", "detect", detector_mode="boxes")
+    with pytest.raises(ExportError, match="detector mode must be 'full' or 'raw', got 'boxes'"):
+        export_onnx(model, images, tmp_path / "x.onnx", "detect", mode="boxes")
+    with pytest.raises(ExportError, match="task 'classify' exports one graph"):
+        export_onnx(model, images, tmp_path / "x.onnx", "classify", mode="raw")
     with pytest.raises(ExportError, match="dynamic_spatial"):
         export_onnx(model, images, tmp_path / "x.onnx", "detect", dynamic_spatial=True)
     with pytest.raises(OnnxModelError, match="missing.onnx: ONNX file not found"):
         OrtModel(tmp_path / "missing.onnx")
     shutil.copyfile(raw["path"], tmp_path / "alone.onnx")  # without its anchors file
-    with pytest.raises(OnnxModelError, match="alone.anchors.npy: anchors file"):
+    with pytest.raises(OnnxModelError, match="alone.anchors.npy: the anchors of alone.onnx not found"):
         OrtModel(tmp_path / "alone.onnx")

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilezoo.deploy.export import export_onnx, match_detections
-from mobilezoo.deploy.ort import META_QUANTIZATION, OrtModel, anchors_path
+from mobilezoo.deploy.export import export_onnx
+from mobilezoo.deploy.ort import META_QUANTIZATION, OrtModel, array_path
 from mobilezoo.deploy.quantize import BatchReader, QuantizationError, quantize_int8
 from mobilezoo.models import create_model
+from mobilezoo.tasks.detection.export import match_detections
 
 
 def digit_images(start: int, n: int, size: int = 64) -> torch.Tensor:
@@ -118,10 +119,10 @@ def test_int8_detector_quantizes_raw_heads_and_decodes_in_fp32(tmp_path):
     full = export_onnx(model, images, tmp_path / "full.onnx", "detect", threads=1)
     with pytest.raises(QuantizationError, match="quantize its raw-heads export"):
         quantize_int8(full["path"], tmp_path / "no.onnx", [images[:1]])
-    raw = export_onnx(model, images, tmp_path / "raw.onnx", "detect", detector_mode="raw", dynamic_batch=True,
+    raw = export_onnx(model, images, tmp_path / "raw.onnx", "detect", mode="raw", dynamic_batch=True,
                       threads=1)
     int8 = quantize_int8(raw["path"], tmp_path / "raw_int8.onnx", [shape_images(4, start=10)])
-    assert np.array_equal(np.load(anchors_path(int8)), np.load(raw["anchors"]))
+    assert np.array_equal(np.load(array_path(int8, "anchors")), np.load(raw["arrays"]["anchors"]["path"]))
     assert int8.stat().st_size / (tmp_path / "raw.onnx").stat().st_size < 0.4
     nodes = [n.op_type for n in onnx.load(str(int8)).graph.node]
     assert "NonMaxSuppression" not in nodes and "QuantizeLinear" in nodes

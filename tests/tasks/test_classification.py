@@ -17,6 +17,7 @@ from mobilezoo.tasks.classification import (
     ImageFolder,
     eval_transform,
     expand_images,
+    select_gallery,
     train_transform,
 )
 
@@ -299,3 +300,91 @@ def test_expand_images_errors(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match="empty"):
         expand_images([str(tmp_path / "empty")])
+
+
+# --- one-class data and the report's prediction gallery -----------------------------------------
+
+def test_one_class_training_set_is_a_one_line_error(make_image_folder, tmp_path, capsys):
+    from mobilezoo.cli import main
+    root = make_image_folder(tmp_path / "one", classes=("cat",), per_class=3)
+    rc = main(["train", "classify_imagefolder", "--data", str(root), "--epochs", "1", "--batch-size", "2",
+               "--img-size", "32", "--device", "cpu", "--workers", "0", "--threads", "1",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mobilezoo train: error:")]
+    assert len(lines) == 1, err
+    assert str(root / "train") in lines[0] and "2 classes" in lines[0]
+
+
+def test_imagefolder_refuses_one_class(make_image_folder, tmp_path):
+    root = make_image_folder(tmp_path / "one", classes=("cat",), per_class=2, splits=("train",))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        ImageFolder(root / "train", None)
+
+
+def test_gallery_spreads_over_classes_wrong_first():
+    # a val split sorted by class (5 classes x 10), as ImageFolder lists it; two mistakes late in it
+    trues = [c for c in range(5) for _ in range(10)]
+    preds = list(trues)
+    preds[37], preds[48] = 0, 2
+    picked = select_gallery(preds, trues, limit=16)
+    assert len(picked) == 16 and len(set(picked)) == 16
+    assert picked[:2] == [37, 48]  # the wrong ones lead
+    assert all(preds[i] == trues[i] for i in picked[2:])
+    shown = [trues[i] for i in picked]
+    assert set(shown) == set(range(5))  # every class appears, not 16 images of the first one
+    assert max(shown.count(c) for c in range(5)) <= 4
+
+
+def test_gallery_keeps_at_most_limit_wrong_ones_over_classes():
+    trues = [c for c in range(3) for _ in range(20)]
+    preds = [(t + 1) % 3 for t in trues]  # everything wrong
+    picked = select_gallery(preds, trues, limit=6)
+    assert sorted(trues[i] for i in picked) == [0, 0, 1, 1, 2, 2]
+
+
+def test_gallery_of_a_stream_matches_the_whole_list():
+    # kept items are chosen as they arrive (bounded memory); the choice equals one over the whole list
+    g = torch.Generator().manual_seed(0)
+    trues = torch.randint(0, 7, (500,), generator=g).sort().values.tolist()
+    preds = [t if torch.rand((), generator=g) < 0.9 else (t + 1) % 7 for t in trues]
+    picked = select_gallery(preds, trues, limit=16)
+    right = [p == t for p, t in zip(preds, trues)]
+
+    def rank(i):  # earlier samples of the same class and the same outcome
+        return sum(1 for j in range(i) if trues[j] == trues[i] and right[j] == right[i])
+
+    expected = sorted(range(500), key=lambda i: (right[i], rank(i), i))
+    assert picked == expected[:16]
+
+
+def test_report_gallery_mixes_classes_on_a_sorted_val_split(make_image_folder, tmp_path):
+    # "d" is tinted like "a" (the fixture tints channel index % 3), so a by-colour model gets it wrong
+    names = ["a", "b", "c", "d"]
+    root = make_image_folder(tmp_path / "d", classes=names, per_class=10, splits=("val",))
+    task = _task(root, **{"data.class_names": names})
+    val = task.val_dataset()
+    labels = [val[i]["label"] for i in range(len(val))]
+    assert labels == sorted(labels)  # the first 16 would be ten "a" and six "b"
+
+    class ByColour(nn.Module):
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), torch.full((len(x), 1), -1e3)], 1)
+
+    metric = task.metric()
+    for start in range(0, len(val), 8):  # batches in val order
+        items = [val[i] for i in range(start, min(start + 8, len(val)))]
+        batch = {"image": torch.stack([b["image"] for b in items]),
+                 "label": torch.tensor([b["label"] for b in items])}
+        task.eval_step(ByColour(), batch, metric)
+    lines = task.report(tmp_path, metric.compute(), [])
+    assert (tmp_path / "predictions.png").is_file()
+    shown = [(p, t) for _, p, t in task._gallery.picked()]
+    assert len(shown) == 16
+    assert shown[:10] == [(0, 3)] * 10  # every mistake, first
+    assert {t for _, t in shown[10:]} == {0, 1, 2} and all(p == t for p, t in shown[10:])
+    text = "\n".join(lines)
+    assert "first val images" not in text and "misclassified ones first" in text
+    assert "10 of 10 wrong" in text

@@ -535,7 +535,8 @@ def test_predict_maps_boxes_back_and_writes_files(coco_root, tmp_path):
     assert model.sizes == [(1, 3, 64, 64)] * 2
     assert len(preds) == 2  # the 0.1 box falls under the default score threshold
     a = preds[0]
-    assert a["file_name"] == str(src / "a.png") and a["image_id"] == 1
+    assert a["file_name"] == str(src / "a.png")
+    assert "image_id" not in a and len(preds.ids.no_file) == 2  # no COCO file holds these images
     assert a["category_id"] == 9 and a["category"] == "nine"  # label 2 -> id 9
     assert a["bbox"] == pytest.approx([20, 15, 40, 15]) and a["score"] == pytest.approx(0.9)
     assert preds[1]["bbox"] == pytest.approx([10, 10, 20, 10])  # 40 x 40: x, y * 40/64
@@ -550,3 +551,232 @@ def test_predict_maps_boxes_back_and_writes_files(coco_root, tmp_path):
     assert [p["category_id"] for p in low] == [9, 2]
     with pytest.raises(DataError, match="nothing_here"):
         task.predict(model, [str(tmp_path / "nothing_here")])
+
+
+# --- predict's image ids, scored by pycocotools against the eval of the same model -------------
+
+SHIFTS = (0.0, 0.1, 0.3, 0.45)  # IoU with the truth 1, 0.82, 0.54, 0.38 (see the shifted-boxes test)
+
+
+def _pixels_key(image: torch.Tensor) -> str:
+    """A fingerprint of a model input in [-1, 1] (the same however it was batched)."""
+    import hashlib
+    u8 = ((image.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return hashlib.sha1(u8.contiguous().numpy().tobytes()).hexdigest()
+
+
+class LookupDetector(nn.Module):
+    """Eval-mode detector answering each input with the detections prepared for its pixels (one
+    middling box for inputs it has no answer for)."""
+
+    UNKNOWN = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "scores": torch.tensor([0.5]),
+               "labels": torch.tensor([0])}
+
+    def __init__(self, answers: dict[str, dict]):
+        super().__init__()
+        self.register_buffer("unused", torch.zeros(1))  # something to save as the run's weights
+        self.answers = answers
+
+    def forward(self, images, targets=None):
+        return [dict(self.answers.get(_pixels_key(x), self.UNKNOWN)) for x in images]
+
+
+def _imperfect_answers(root: Path, size: int) -> dict[str, dict]:
+    """Per val image (keyed by its model input): its non-crowd truth boxes, some shifted sideways
+    by a fraction of their width, with falling scores, plus one false positive in a corner."""
+    from mobilezoo.tasks.base import read_image
+    anns, tf = _anns(root, "val"), eval_transform(size)
+    answers = {}
+    for image_id in anns.image_ids:
+        im = anns.images[image_id]
+        boxes, scores, labels = [], [], []
+        for j, a in enumerate(x for x in anns.by_image[image_id] if not x["iscrowd"]):
+            x, y, w, h = a["bbox"]
+            inward = 1.0 if x + w / 2 < im["width"] / 2 else -1.0  # never clipped by the border
+            x += inward * SHIFTS[j % len(SHIFTS)] * w
+            sx, sy = size / im["width"], size / im["height"]
+            boxes.append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+            scores.append(0.95 - 0.07 * j)
+            labels.append(anns.cat_to_label[a["category_id"]])
+        boxes.append([0.0, 0.0, size / 5, size / 5])
+        scores.append(0.33)
+        labels.append(image_id % len(anns.cat_ids))
+        key = _pixels_key(tf(read_image(root / "val" / im["file_name"])))
+        answers[key] = {"boxes": torch.tensor(boxes), "scores": torch.tensor(scores),
+                        "labels": torch.tensor(labels)}
+    return answers
+
+
+def _shuffle_and_gap_ids(ann_file: Path, seed: int = 0) -> None:
+    """Give the images ids 1000 + 7k in a random order (and list them shuffled), as real
+    annotation files do: ids unrelated to the order of the files."""
+    import random
+    doc = json.loads(ann_file.read_text())
+    rng = random.Random(seed)
+    new_ids = [1000 + 7 * k for k in range(len(doc["images"]))]
+    rng.shuffle(new_ids)
+    remap = {im["id"]: n for im, n in zip(doc["images"], new_ids)}
+    for im in doc["images"]:
+        im["id"] = remap[im["id"]]
+    for a in doc["annotations"]:
+        a["image_id"] = remap[a["image_id"]]
+    rng.shuffle(doc["images"])
+    ann_file.write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def gapped_root(tmp_path_factory):
+    """A `shapes` val set (with a crowd and an empty image) whose image ids are shuffled and gapped."""
+    root = shapes.ensure(tmp_path_factory.mktemp("gapped") / "shapes", num_train=1, num_val=10)
+    _shuffle_and_gap_ids(root / "annotations" / "instances_val.json")
+    return root
+
+
+@pytest.fixture
+def lookup_run(gapped_root, tmp_path, monkeypatch) -> Path:
+    """A run directory whose model is a LookupDetector with imperfect answers on the gapped set."""
+    from mobilezoo.models.weights import save_weights
+    size = 64
+    model = LookupDetector(_imperfect_answers(gapped_root, size))
+    monkeypatch.setattr(task_module, "create_model", lambda name, num_classes, **kw: model)
+    recipe = load_recipe("detect_shapes", {
+        "data.name": str(gapped_root), "data.img_size": size, "data.eval_batch_size": 4,
+        "data.workers": 0, "train.device": "cpu", "train.threads": 1})
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe.save(run / "config.yaml")
+    save_weights(model, run / "model.safetensors")
+    return run
+
+
+def _pycocotools_map(ann_file: Path, results_file: Path) -> float:
+    """mAP@[.5:.95] of a COCO-results file, by pycocotools alone."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        ev = COCOeval(gt, gt.loadRes(str(results_file)), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0])
+
+
+def _cli(capsys, *argv):
+    from mobilezoo.cli import main
+    threads = torch.get_num_threads()
+    rc = main([str(a) for a in argv])
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(True)  # predict switches autograd off process-wide
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_predict_json_scores_like_eval_with_shuffled_gapped_coco_ids(gapped_root, lookup_run, capsys, tmp_path):
+    """eval keeps every detection, so predict at --score-thresh 0 must give pycocotools the same mAP."""
+    rc, _, err = _cli(capsys, "eval", lookup_run, "--threads", 1)
+    assert rc == 0, err
+    eval_map = json.loads((lookup_run / "eval.json").read_text())["map"]
+    assert 0.2 < eval_map < 0.95  # neither nothing found nor everything perfect: a real comparison
+    rc, out, err = _cli(capsys, "predict", lookup_run, gapped_root / "val", "--score-thresh", 0,
+                        "--out", tmp_path / "pred")
+    assert rc == 0, err
+    ann_file = gapped_root / "annotations" / "instances_val.json"
+    assert _pycocotools_map(ann_file, tmp_path / "pred" / "predictions.json") == pytest.approx(eval_map, abs=1e-3)
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    by_file = {im["file_name"]: im["id"] for im in json.loads(ann_file.read_text())["images"]}
+    for r in results:
+        assert r["image_id"] == by_file[Path(r["file_name"]).name]
+    assert f"COCO image ids from {ann_file} (10 images)" in out
+
+
+def test_predict_takes_ids_from_a_given_annotation_file_and_says_which_images_have_none(
+        gapped_root, lookup_run, capsys, tmp_path):
+    ann_file = gapped_root / "annotations" / "instances_val.json"
+    elsewhere = tmp_path / "copies"
+    elsewhere.mkdir()
+    for f in sorted((gapped_root / "val").iterdir())[:3]:
+        (elsewhere / f.name).write_bytes(f.read_bytes())
+    _image(elsewhere / "stranger.png", 40, 30)
+    pred = tmp_path / "pred"
+    # found nowhere beside the copies: file names only, and said so
+    rc, out, err = _cli(capsys, "predict", lookup_run, elsewhere, "--out", pred, "--score-thresh", 0)
+    assert rc == 0, err
+    assert all("image_id" not in r for r in json.loads((pred / "predictions.json").read_text()))
+    assert "no usable COCO annotation file for 4 images" in err and "no image_id" in err
+    # given: the copies get their COCO ids, the stranger is counted and named
+    rc, out, err = _cli(capsys, "predict", lookup_run, elsewhere, "--out", pred, "--score-thresh", 0,
+                        "--annotations", ann_file)
+    assert rc == 0, err
+    by_file = {im["file_name"]: im["id"] for im in json.loads(ann_file.read_text())["images"]}
+    results = json.loads((pred / "predictions.json").read_text())
+    copies = [r for r in results if not r["file_name"].endswith("stranger.png")]
+    assert {r["image_id"] for r in copies} == {by_file[f.name] for f in elsewhere.glob("*.jpg")}
+    assert all(r["image_id"] == by_file[Path(r["file_name"]).name] for r in copies)
+    strangers = [r for r in results if r["file_name"].endswith("stranger.png")]
+    assert strangers and all("image_id" not in r for r in strangers)
+    assert f"COCO image ids from {ann_file} (3 images)" in out
+    assert f"1 images are not in {ann_file}" in err and "stranger.png" in err
+
+
+def test_a_given_annotation_file_with_other_categories_is_refused(coco_root, lookup_run, capsys, tmp_path):
+    rc, _, err = _cli(capsys, "predict", lookup_run, coco_root / "val", "--out", tmp_path / "pred",
+                      "--annotations", coco_root / "annotations" / "instances_val.json")
+    assert rc == 2 and "Traceback" not in err
+    assert "instances_val.json: categories" in err and "differ from the run's" in err
+
+
+def test_image_ids_match_the_longest_file_name_ending_the_path(tmp_path):
+    from mobilezoo.tasks.detection.image_ids import CocoImageIds
+    images = [{"id": 70, "file_name": "b.png", "width": 4, "height": 4},
+              {"id": 80, "file_name": "a/b.png", "width": 4, "height": 4}]
+    path = _write(tmp_path, "val", images, [], draw=False)
+    ids = CocoImageIds(["two", "five", "nine"], path)
+    assert ids.lookup(tmp_path / "x" / "a" / "b.png") == (80, [2, 5, 9])
+    assert ids.lookup(tmp_path / "x" / "b.png") == (70, [2, 5, 9])
+    assert ids.lookup(tmp_path / "x" / "c.png") == (None, [2, 5, 9])
+    # class names in another order than the file's: ids follow the names, not the positions
+    assert CocoImageIds(["nine", "two", "five"], path).lookup(tmp_path / "b.png") == (70, [9, 2, 5])
+
+
+def test_predict_reads_16_bit_pngs(coco_root, tmp_path):
+    """A 16-bit grey PNG predicts (and draws) like its 8-bit version."""
+    task = _task(coco_root, **{"data.img_size": 64})
+    model = FixedDetector([[16, 16, 48, 32]], [0.9], [2])
+    grey = np.tile(np.linspace(0, 255, 40).round().astype(np.uint16), (30, 1))
+    (tmp_path / "in16").mkdir()
+    deep = Image.fromarray(grey * 257)  # uint16: PIL writes a 16-bit PNG
+    assert deep.mode == "I;16"
+    deep.save(tmp_path / "in16" / "deep.png")
+    Image.fromarray(grey.astype(np.uint8)).convert("RGB").save(tmp_path / "in16" / "flat.png")
+    preds = task.predict(model, [str(tmp_path / "in16")], out_dir=tmp_path / "out")
+    assert [Path(p["file_name"]).name for p in preds] == ["deep.png", "flat.png"]
+    assert preds[0]["bbox"] == preds[1]["bbox"]
+    with Image.open(tmp_path / "out" / "deep.png") as a, Image.open(tmp_path / "out" / "flat.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_predict_skip_bad_samples_keeps_going_and_names_each_bad_image(gapped_root, lookup_run, capsys, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted((gapped_root / "val").iterdir())[:2]
+    for f in good:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "000000_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "zz_cut.png").write_bytes(_image(tmp_path / "x.png", 8, 8).read_bytes()[:50])  # truncated
+    pred = tmp_path / "pred"
+    rc, _, err = _cli(capsys, "predict", lookup_run, folder, "--out", pred)
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"mobilezoo predict: error: {folder / '000000_broken.jpg'}")
+    rc, out, err = _cli(capsys, "predict", lookup_run, folder, "--out", pred, "--skip-bad-samples",
+                        "--score-thresh", 0)
+    assert rc == 0, err
+    skipped = [ln for ln in err.splitlines() if ln.startswith("mobilezoo predict: warning: skipped")]
+    assert len(skipped) == 2 and "000000_broken.jpg" in skipped[0] and "zz_cut.png" in skipped[1]
+    assert "2 unreadable inputs skipped, 2 predicted" in err and "on 2 images" in out
+    results = json.loads((pred / "predictions.json").read_text())
+    assert {Path(r["file_name"]).name for r in results} == {f.name for f in good}
+    assert {p.name for p in pred.glob("*.png")} == {f.stem + ".png" for f in good}

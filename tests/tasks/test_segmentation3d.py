@@ -420,3 +420,21 @@ def test_predict_scores_labelled_cases(tmp_path):
     out = make_task(tmp_path).predict(Threshold().eval(), [str(tmp_path / "in" / "BraTS20_Training_001")],
                                       out_dir=tmp_path / "out")[0]
     assert out["dice"]["ET"] == 1.0 and out["dice"]["TC"] == 1.0 and out["dice"]["WT"] < 1.0
+
+
+def test_predict_skips_unreadable_cases_given_a_handler(tmp_path):
+    """A case missing a modality and one with a cut file: without a handler the first stops predict;
+    with one, each is handed over and the good case is still segmented and written."""
+    for name in ("BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"):
+        write_case(tmp_path / "in", name, seg=False)
+    (tmp_path / "in" / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii.gz").unlink()
+    cut = tmp_path / "in" / "BraTS20_Training_003" / "BraTS20_Training_003_t1.nii.gz"
+    cut.write_bytes(cut.read_bytes()[:100])
+    task = make_task(tmp_path)
+    with pytest.raises(BadSampleError, match="BraTS20_Training_001"):
+        task.predict(Threshold().eval(), [str(tmp_path / "in")], out_dir=tmp_path / "out")
+    skipped = []
+    out = task.predict(Threshold().eval(), [str(tmp_path / "in")], out_dir=tmp_path / "out",
+                       on_bad_sample=skipped.append)
+    assert [c["case"] for c in out] == ["BraTS20_Training_002"] and Path(out[0]["file"]).is_file()
+    assert ["BraTS20_Training_001" in str(skipped[0]), "BraTS20_Training_003" in str(skipped[1])] == [True, True]

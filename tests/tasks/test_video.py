@@ -417,6 +417,29 @@ def test_predict_gives_topk_per_file(index_root, tmp_path):
         task.predict(Fixed(), [str(tmp_path / "nothing.mp4")])
 
 
+
+def test_predict_skips_unreadable_videos_given_a_handler(index_root, tmp_path):
+    """Without a handler the first bad video stops predict; with one, it is handed the error and the rest run."""
+    task = VideoTask(recipe(index_root, test_clips=1, test_crops=1))
+    task.recipe.data.class_names = ["a", "b", "c"]
+    folder = tmp_path / "mixed"
+    good = [folder / "a.mp4", folder / "c.mp4"]
+    for f in good:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes((index_root / "val" / "long" / "a.mp4").read_bytes())
+    (folder / "b.mp4").write_bytes(b"this is not a video" * 50)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[2.0, 1.0, 0.0]]).expand(len(x), 3)
+
+    with pytest.raises(BadSampleError, match="b.mp4"):
+        task.predict(Fixed(), [str(folder)])
+    skipped = []
+    preds = task.predict(Fixed(), [str(folder)], on_bad_sample=skipped.append)
+    assert [p["file"] for p in preds] == [str(f) for f in good]
+    assert len(skipped) == 1 and str(folder / "b.mp4") in str(skipped[0])
+
 def test_fit_runs_on_motion_and_writes_the_report(motion_root, tmp_path):
     pytest.importorskip("mobilezoo.models.squeezetime")
     from mobilezoo.engine.loop import fit

@@ -14,8 +14,10 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import Task, expand_images, read_image
+from ..base import InputSpec, OnBadSample, Task, expand_images, read_image, readable
+from . import export as detector_export
 from .coco import CocoAnnotations, CocoDetection
+from .image_ids import CocoImageIds
 from .metric import CocoMetric, to_original
 from .transforms import DEFAULT_AUGMENT, collate_detection, eval_transform, train_transform
 
@@ -50,6 +52,15 @@ def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: li
     return draw_bounding_boxes(image, boxes.float(), captions, colors=colors, width=2)
 
 
+class CocoResults(list):
+    """COCO-results dicts (a plain list to json.dumps) with `images`, the number of images
+    predicted, and `ids`, the CocoImageIds that says where their image ids came from."""
+
+    def __init__(self, ids: CocoImageIds):
+        super().__init__()
+        self.ids, self.images = ids, 0
+
+
 class DetectionTask(Task):
     """Train/eval/predict a detector on COCO-format data: `data.name` is `shapes` (generated) or a
     folder holding train/ and val/ image folders and annotations/instances_{train,val}.json.
@@ -59,6 +70,7 @@ class DetectionTask(Task):
 
     name = "detect"
     headline = "map"
+    inputs = InputSpec("image", (3, 320, 320), 16, (3, 128, 128), 2)
     collate = staticmethod(collate_detection)
 
     def __init__(self, recipe):
@@ -135,6 +147,34 @@ class DetectionTask(Task):
 
     # --- model, loss, metric --------------------------------------------------------------------
 
+    @staticmethod
+    def network(model: nn.Module):
+        """Detectors are timed and quantized up to their raw box and class outputs."""
+        return model.head_outputs
+
+    @classmethod
+    def bench_model_kwargs(cls, shape: tuple[int, ...]) -> dict:
+        return {"num_classes": 90}  # COCO's 90 classes, as the released detectors
+
+    export_modes = detector_export.MODES
+    int8_mode = "raw"  # INT8 quantizes the heads; the score threshold and NMS stay fp32
+
+    @classmethod
+    def export_graph(cls, net: nn.Module, x: torch.Tensor, mode: str | None = None):
+        return detector_export.export_graph(net, x, mode)
+
+    @classmethod
+    def onnx_result(cls, run, x: torch.Tensor, onnx):
+        return detector_export.onnx_result(run, x, onnx)
+
+    @classmethod
+    def check_parity(cls, model: nn.Module, onnx, x: torch.Tensor, atol: float, rtol: float) -> dict:
+        return detector_export.check_parity(model, onnx, x, atol, rtol)
+
+    @classmethod
+    def quantize_refusal(cls, metadata: dict) -> str | None:
+        return detector_export.quantize_refusal(metadata)
+
     def build_model(self) -> nn.Module:
         return create_model(self.recipe.model.name, num_classes=self.num_classes, **self.recipe.model.args)
 
@@ -189,24 +229,35 @@ class DetectionTask(Task):
 
     @torch.no_grad()
     def predict(self, model: nn.Module, paths: list[str], out_dir: str | Path | None = None,
-                device="cpu", score_thresh: float = 0.3) -> list[dict]:
+                device="cpu", score_thresh: float = 0.3, annotations: str | Path | None = None,
+                on_bad_sample: OnBadSample = None) -> CocoResults:
         """COCO-results dicts (one per box with score >= score_thresh) for image files or folders.
 
-        Each dict: image_id (1-based position of the file in the sorted input list), file_name,
-        category_id, category (class name), bbox [x, y, w, h] in original-image pixels, score.
-        With `out_dir`, also writes out_dir/predictions.json and one PNG per image, boxes drawn."""
+        Each dict: image_id (the image's id in its COCO instances file, `annotations` or the one
+        beside it in the COCO layout; absent for an image in none), file_name, category_id,
+        category (class name), bbox [x, y, w, h] in original-image pixels, score. The list's `ids`
+        says where the image ids came from (`ids.notes()`). With `out_dir`, also writes
+        out_dir/predictions.json and one PNG per image, boxes drawn. An unreadable image goes to
+        `on_bad_sample` and is left out, or without it raises BadSampleError."""
         files = expand_images(paths)
-        cat_ids = self.category_ids()  # also fills the class names from the data if need be
         size, names = self.recipe.data.img_size, self.recipe.data.class_names
+        if names is None:
+            self.annotations("val")  # the run's class names, from its data
+            names = self.recipe.data.class_names
+        results = CocoResults(CocoImageIds(names, annotations))
+        run_cat_ids = None  # the run's own category ids, looked up only if an image needs them
         tf = eval_transform(size)
         model.eval()
         out_dir = Path(out_dir) if out_dir is not None else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         stems = [f.stem for f in files]
-        results = []
-        for idx, f in enumerate(files):
-            image = read_image(f)
+        for (idx, f), image in readable(enumerate(files), lambda item: read_image(item[1]), on_bad_sample):
+            results.images += 1
+            image_id, cat_ids = results.ids.lookup(f)
+            if cat_ids is None:
+                run_cat_ids = run_cat_ids or self.category_ids()
+                cat_ids = run_cat_ids
             h, w = image.shape[1:]
             det = model(tf(image)[None].to(device))[0]
             keep = det["scores"] >= score_thresh
@@ -215,8 +266,8 @@ class DetectionTask(Task):
             scores = det["scores"][keep].float().cpu().tolist()
             for box, label, score in zip(boxes.tolist(), labels, scores):
                 x0, y0, x1, y1 = box
-                results.append({"image_id": idx + 1, "file_name": str(f), "category_id": cat_ids[label],
-                                "category": names[label],
+                results.append({**({"image_id": image_id} if image_id is not None else {}),
+                                "file_name": str(f), "category_id": cat_ids[label], "category": names[label],
                                 "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                                 "score": round(score, 5)})
             if out_dir is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ...errors import BadSampleError, DataError
+from ..base import OnBadSample, readable
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 MODALITIES_2023 = ("t2f", "t1n", "t1c", "t2w")  # the same four, in the same order
@@ -99,15 +100,17 @@ def find_case(folder: str | Path) -> Case:
     return Case(folder.name, folder, tuple(found[k][0] for k in keys), seg, style[2])
 
 
-def find_cases(paths: list[str | Path] | str | Path) -> list[Case]:
-    """Cases named directly (case folders) or found as the sub-folders of other folders, sorted."""
+def find_cases(paths: list[str | Path] | str | Path, on_bad_sample: OnBadSample = None) -> list[Case]:
+    """Cases named directly (case folders) or found as the sub-folders of other folders, sorted. A
+    case folder with missing or repeated files goes to `on_bad_sample` and is left out, or without
+    it raises BadSampleError."""
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     cases: list[Case] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise DataError(f"{p}: no such folder (expected a BraTS case folder or a folder of them)")
         if is_case_folder(p):
-            cases.append(find_case(p))
+            cases += [c for _, c in readable([p], find_case, on_bad_sample)]
             continue
         subs = sorted(d for d in p.iterdir() if is_case_folder(d))
         if not subs:
@@ -115,7 +118,7 @@ def find_cases(paths: list[str | Path] | str | Path) -> list[Case]:
                           for d in (p / s).iterdir() if is_case_folder(d))
         if not subs:
             raise DataError(f"{p}: no BraTS case folders in it (each holds <case>_flair.nii.gz etc.)")
-        cases += [find_case(d) for d in subs]
+        cases += [c for _, c in readable(subs, find_case, on_bad_sample)]
     return cases
 
 

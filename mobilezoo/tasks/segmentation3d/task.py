@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ... import data as embedded
 from ...models import create_model
-from ..base import Task
+from ..base import InputSpec, OnBadSample, Task, readable
 from .brats import MODALITIES, REGIONS, find_cases, regions_to_labels, split_cases
 from .dataset import BratsDataset, collate_volumes
 from .metric import HD95_MAX, BratsMetric
@@ -35,6 +35,8 @@ class Segmentation3DTask(Task):
 
     name = "segment3d"
     headline = "dice"
+    inputs = InputSpec("volume", (4, 128, 128, 128), 1, (4, 32, 32, 32), 1, torch.channels_last_3d)
+    fully_convolutional = True  # volumes of any size: sliding windows, or whole brains
     collate = staticmethod(collate_volumes)
 
     def __init__(self, recipe):
@@ -146,13 +148,17 @@ class Segmentation3DTask(Task):
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], out_dir: str | Path | None = None,
-                device="cpu") -> list[dict]:
+                device="cpu", on_bad_sample: OnBadSample = None) -> list[dict]:
         """Segment case folders (or folders of case folders): writes OUT/<case>_seg.nii.gz with BraTS
         labels on each input's own voxel grid (shape, affine, header) and OUT/<case>_overlay.png.
 
         Returns one dict per case: case, file, overlay, voxels (count per label value) and, for
-        labelled cases, dice and hd95 per region."""
-        cases = find_cases(inputs)
+        labelled cases, dice and hd95 per region. A case that cannot be read goes to `on_bad_sample`
+        and is left out, or without it raises BadSampleError."""
+        cases = find_cases(inputs, on_bad_sample)
         out = Path(out_dir) if out_dir is not None else Path("predictions")
         model.eval()
-        return [predict_case(model, c, out, self.roi, self.opts, device) for c in cases]
+
+        def segment(case):
+            return predict_case(model, case, out, self.roi, self.opts, device)
+        return [result for _, result in readable(cases, segment, on_bad_sample)]

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import Task
+from ..base import InputSpec, OnBadSample, Task, readable
 from ..classification import ClassificationMetric, stratified_subset
 from .dataset import VideoClips, folder_samples, list_samples
 from .decode import expand_videos, read_clip
@@ -55,6 +55,16 @@ class VideoTask(Task):
     name = "video"
     headline = "top1"
     input_key = "video"
+    # (C, T, H, W) clips; SqueezeTime squeezes time into channels, so contiguous NCTHW is its layout
+    inputs = InputSpec("video", (3, 16, 224, 224), 4, (3, 8, 64, 64), 2, torch.contiguous_format)
+
+    @classmethod
+    def bench_model_kwargs(cls, shape: tuple[int, ...]) -> dict:
+        return {"num_classes": 400, "num_frames": shape[1]}  # Kinetics-400, as the released models
+
+    def input_shape(self) -> tuple[int, ...]:
+        s = self.recipe.data.img_size
+        return (3, self.opts["clip_len"], s, s)
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -101,6 +111,14 @@ class VideoTask(Task):
             raise DataError(f"{self.root} ({split}): classes {classes} differ from the run's {list(names)}")
         if not samples:
             raise DataError(f"{self.root} ({split}): no video files ({self._layout()} layout)")
+        if len(classes) < 2:
+            # One class trains to loss 0 without learning anything: refuse it up front.
+            where = self.root / split
+            if self._layout() == "list":
+                names_file = self.root / self.opts["classes_file"]
+                where = names_file if names_file.is_file() else self.root / self.opts[f"{split}_list"]
+            raise DataError(f"{where}: found only the class {classes[0]!r}; "
+                            "video classification needs at least 2 classes")
         self.recipe.data.class_names = classes
         o, d = self.opts, self.recipe.data
         clips, crops = (o[f"{views}_clips"], o[f"{views}_crops"]) if views else (1, 1)
@@ -173,9 +191,11 @@ class VideoTask(Task):
                 "| class | accuracy |", "|---|---|", rows]
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu") -> list[dict]:
+    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu",
+                on_bad_sample: OnBadSample = None) -> list[dict]:
         """Top-k labels with probabilities for each video file (folders are expanded), averaged over the
-        test views (test_clips x test_crops)."""
+        test views (test_clips x test_crops). An unreadable video goes to `on_bad_sample` and is left
+        out, or without it raises BadSampleError."""
         files = expand_videos(paths)
         names = self.recipe.data.class_names or []
         if not names:
@@ -185,8 +205,7 @@ class VideoTask(Task):
                            o["test_short_side"])
         model.eval()
         out = []
-        for f in files:
-            frames, _ = read_clip(f, views.indices)
+        for f, (frames, _) in readable(files, lambda f: read_clip(f, views.indices), on_bad_sample):
             x = torch.cat([views.transform(to_video(c)) for c in frames])[None].to(device)
             p = self.probs(model, x)[0]
             val, idx = p.topk(min(topk, len(names)))
