@@ -179,40 +179,24 @@ def cmd_predict(args) -> int:
     import torch
 
     from .engine import load_run, resolve_device
-    from .tasks.classification import write_predictions
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
-    if args.annotations and task.name != "detect":
-        raise UserError(f"--annotations is for detection runs; {args.run} is a {task.name} run")
+    options = {k: getattr(args, k) for k in ("topk", "score_thresh", "annotations") if getattr(args, k) is not None}
+    unknown = sorted(set(options) - set(task.predict_options))
+    if unknown:
+        takes = ", ".join(f"--{o.replace('_', '-')}" for o in task.predict_options) or "none"
+        raise UserError(f"--{unknown[0].replace('_', '-')} is not an option of predict for {args.run}, a "
+                        f"{task.name} run (its options: {takes})")
     device = resolve_device(recipe.train.device) if args.runtime != "onnxruntime" else torch.device("cpu")
     model = _with_runtime(args, model.to(device))
     skipped: list[str] = []
-    opts = {"device": device, "on_bad_sample": _skip_and_warn(skipped) if args.skip_bad_samples else None}
-
-    if task.name == "segment3d":  # <case>_seg.nii.gz + <case>_overlay.png per case; JSON list on stdout
-        out = Path(args.out or Path(args.run) / "predictions")
-        cases = task.predict(model, args.inputs, out_dir=out, **opts)
-        _tally_skipped(skipped, len(cases))
-        print(json.dumps(cases, indent=2))
-        return 0
-    if task.name == "detect":  # COCO-results JSON + one PNG per image with the boxes drawn
-        out = Path(args.out or Path(args.run) / "predictions")
-        preds = task.predict(model, args.inputs, out_dir=out, score_thresh=args.score_thresh,
-                             annotations=args.annotations, **opts)
-        _tally_skipped(skipped, preds.images)
-        print(f"{len(preds)} boxes with score >= {args.score_thresh} on {preds.images} images; "
-              f"wrote {out / 'predictions.json'} and drawings in {out}")
-        for note in preds.ids.notes():
-            print(f"mobilezoo predict: {note}", file=sys.stderr if note.startswith("warning") else sys.stdout)
-        return 0
-    preds = task.predict(model, args.inputs, topk=args.topk, **opts)
-    _tally_skipped(skipped, len(preds))
-    text = write_predictions(preds, Path(args.out) if args.out else None)
-    if not args.out:
-        print(text)
-    else:
-        for p in preds:
-            best = p["topk"][0]
-            print(f"{p['file']}: {best['label']} ({100 * best['prob']:.1f}%)")
+    out = args.out or (Path(args.run) / "predictions" if task.predicts_into_folder else None)
+    preds = task.predict(model, args.inputs, out, device=device,
+                         on_bad_sample=_skip_and_warn(skipped) if args.skip_bad_samples else None, **options)
+    _tally_skipped(skipped, preds.count)
+    for line in preds.lines:
+        print(line)
+    for note in preds.notes:
+        print(f"mobilezoo predict: {note}", file=sys.stderr)
     return 0
 
 
@@ -395,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders")
     s.add_argument("run", help="run directory")
     s.add_argument("inputs", nargs="+", help="image files or folders")
-    s.add_argument("--topk", type=int, default=5, help="classification: labels per image")
-    s.add_argument("--score-thresh", type=float, default=0.3, help="detection: lowest score drawn/kept")
+    s.add_argument("--topk", type=int, help="classification, video: labels per input (default 5)")
+    s.add_argument("--score-thresh", type=float, help="detection: lowest score drawn/kept (default 0.3)")
     s.add_argument("--out", help="classification: JSON file (default: print it); "
                    "detection: folder for predictions.json + PNGs (default RUN/predictions)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])

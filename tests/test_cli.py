@@ -544,3 +544,11 @@ def test_predict_onto_a_full_disk_is_one_line(trained, data_root, capsys):
     assert rc == 2
     line = error_line(err, "predict")
     assert "/dev/full" in line and "No space left on device" in line
+
+
+def test_predict_refuses_another_tasks_options(trained, data_root, capsys):
+    for flag, value in (("--annotations", "instances_val.json"), ("--score-thresh", "0.5")):
+        rc, _, err = cli(capsys, "predict", trained, data_root / "val" / "cat", flag, value)
+        assert rc == 2
+        line = error_line(err, "predict")
+        assert flag in line and "classify run" in line and "--topk" in line

@@ -114,6 +114,16 @@ class InputSpec:
         return self.quick_batch if quick else self.batch
 
 
+class Predictions(list):
+    """What a task's `predict` returns: one JSON-ready record per prediction (a plain list), the
+    number of inputs predicted (`count`), the lines for the user (`lines`) and warnings (`notes`)."""
+
+    def __init__(self, records=(), count: int | None = None, lines=(), notes=()):
+        super().__init__(records)
+        self.count = len(self) if count is None else count
+        self.lines, self.notes = list(lines), list(notes)
+
+
 @dataclass
 class ExportGraph:
     """What an export traces and writes for a task: the module, input and output names, metadata
@@ -152,6 +162,18 @@ class Task:
     def bench_model_kwargs(cls, shape: tuple[int, ...]) -> dict:
         """Constructor options of a model built for timing at one sample's `shape` (no data at hand)."""
         return {}
+
+    # --- prediction ----------------------------------------------------------------------------
+
+    predict_options: tuple[str, ...] = ()  # the task's own options of `predict`
+    predicts_into_folder = False  # `predict` writes files into a folder (else one JSON file, or stdout)
+
+    def predict(self, model: nn.Module, inputs: list[str], out: str | Path | None = None, *, device="cpu",
+                on_bad_sample: OnBadSample = None, **options) -> Predictions:
+        """Predict on input files or folders; write into `out` (a folder for tasks that
+        `predicts_into_folder`, else a JSON file; None: the lines carry the JSON). An unreadable
+        input goes to `on_bad_sample` and is left out, or without it raises BadSampleError."""
+        raise NotImplementedError
 
     # --- deployment: what an exported graph of this task holds --------------------------------
 

@@ -16,7 +16,7 @@ from .. import data as embedded
 from ..engine.metrics import SumMetric
 from ..errors import BadSampleError, DataError
 from ..models import create_model
-from .base import OnBadSample, Task, expand_images, read_image, readable  # noqa: F401 (re-exported)
+from .base import OnBadSample, Predictions, Task, expand_images, read_image, readable  # noqa: F401 (re-exported)
 
 GALLERY = 16  # val images drawn with their predictions in the report
 
@@ -196,21 +196,38 @@ class ClassificationTask(Task):
                 f"on {metrics['count']} images", "", "![confusion matrix](confusion.png)", "",
                 "| class | accuracy |", "|---|---|", rows]
 
+    predict_options = ("topk",)
+
     @torch.no_grad()
-    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu",
-                on_bad_sample: OnBadSample = None) -> list[dict]:
-        """Top-k labels with probabilities for each image file (folders are expanded); an unreadable
-        file goes to `on_bad_sample` and is left out, or without it raises BadSampleError."""
-        files = expand_images(paths)
+    def predict(self, model: nn.Module, inputs: list[str], out: str | Path | None = None, *, device="cpu",
+                on_bad_sample: OnBadSample = None, topk: int = 5) -> Predictions:
+        """Top-k labels with probabilities for each image file (folders are expanded), as a JSON
+        file `out` (or the lines, without it)."""
+        files = expand_images(inputs)
         tf, names = self.eval_transform(), self.recipe.data.class_names
-        out = []
+        records = []
         for f, image in readable(files, read_image, on_bad_sample):
-            x = tf(image)[None].to(device)
-            p = model(x).float().softmax(1)[0]
-            val, idx = p.topk(min(topk, len(names)))
-            out.append({"file": str(f), "topk": [{"label": names[i], "prob": round(v, 6)}
-                                                  for v, i in zip(val.tolist(), idx.tolist())]})
-        return out
+            probs = model(tf(image)[None].to(device)).float().softmax(1)[0]
+            records.append(topk_record(f, probs, names, topk))
+        return topk_predictions(records, out)
+
+
+def topk_record(file, probs: torch.Tensor, names: list[str], topk: int) -> dict:
+    """{"file", "topk": [{"label", "prob"}, ...]} of one input's class probabilities."""
+    val, idx = probs.topk(min(topk, len(names)))
+    return {"file": str(file), "topk": [{"label": names[i], "prob": round(v, 6)}
+                                        for v, i in zip(val.tolist(), idx.tolist())]}
+
+
+def topk_predictions(records: list[dict], out: str | Path | None) -> Predictions:
+    """Top-k records written as JSON to `out` with one summary line per input, or, without `out`,
+    the JSON as the lines."""
+    text = json.dumps(records, indent=2)
+    if out is None:
+        return Predictions(records, lines=[text])
+    Path(out).write_text(text + "\n")
+    return Predictions(records, lines=[f"{r['file']}: {r['topk'][0]['label']} ({100 * r['topk'][0]['prob']:.1f}%)"
+                                       for r in records])
 
 
 def stratified_subset(samples: list[tuple[str, int]], limit: int, seed: int = 0) -> list[int]:
@@ -259,11 +276,3 @@ def select_gallery(preds: list[int], trues: list[int], limit: int = GALLERY) -> 
     for i, (p, t) in enumerate(zip(preds, trues)):
         sample.add(i, p, t)
     return sample.picked()
-
-
-def write_predictions(preds: list[dict], out: Path | None) -> str:
-    """JSON text of predictions, also written to `out` when given."""
-    text = json.dumps(preds, indent=2)
-    if out is not None:
-        Path(out).write_text(text + "\n")
-    return text

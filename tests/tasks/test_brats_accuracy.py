@@ -38,7 +38,7 @@ def test_revunet3d_brats_phantom_reaches_targets(tmp_path):
     model = task.build_model()
     load_weights(model, tmp_path / "run" / WEIGHTS)
     case = find_case(root / "val" / "BraTS20_Training_301")
-    out = task.predict(model, [str(case.folder)], out_dir=tmp_path / "pred")[0]
+    out = task.predict(model, [str(case.folder)], out=tmp_path / "pred")[0]
     written, flair = nib.load(out["file"]), nib.load(str(case.images[0]))
     assert written.shape == flair.shape and np.allclose(written.affine, flair.affine)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}

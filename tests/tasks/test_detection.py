@@ -531,7 +531,7 @@ def test_predict_maps_boxes_back_and_writes_files(coco_root, tmp_path):
     src = tmp_path / "in"
     _image(src / "a.png", 80, 60)
     _image(src / "sub" / "b.jpg", 40, 40)
-    preds = task.predict(model, [str(src)], out_dir=tmp_path / "out")
+    preds = task.predict(model, [str(src)], out=tmp_path / "out")
     assert model.sizes == [(1, 3, 64, 64)] * 2
     assert len(preds) == 2  # the 0.1 box falls under the default score threshold
     a = preds[0]
@@ -752,7 +752,7 @@ def test_predict_reads_16_bit_pngs(coco_root, tmp_path):
     assert deep.mode == "I;16"
     deep.save(tmp_path / "in16" / "deep.png")
     Image.fromarray(grey.astype(np.uint8)).convert("RGB").save(tmp_path / "in16" / "flat.png")
-    preds = task.predict(model, [str(tmp_path / "in16")], out_dir=tmp_path / "out")
+    preds = task.predict(model, [str(tmp_path / "in16")], out=tmp_path / "out")
     assert [Path(p["file_name"]).name for p in preds] == ["deep.png", "flat.png"]
     assert preds[0]["bbox"] == preds[1]["bbox"]
     with Image.open(tmp_path / "out" / "deep.png") as a, Image.open(tmp_path / "out" / "flat.png") as b:

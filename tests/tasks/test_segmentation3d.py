@@ -399,7 +399,7 @@ def test_predict_writes_labels_on_the_input_grid(tmp_path, style, name):
     labels sit exactly on the blob of the input (ET, written as 4, or 3 for BraTS 2023)."""
     write_case(tmp_path / "in", name, style, seg=False, shape=(13, 11, 9))
     task = make_task(tmp_path)
-    out = task.predict(Threshold().eval(), [str(tmp_path / "in")], out_dir=tmp_path / "out")
+    out = task.predict(Threshold().eval(), [str(tmp_path / "in")], out=tmp_path / "out")
     assert len(out) == 1 and out[0]["case"] == name
     written = nib.load(out[0]["file"])
     flair = nib.load(str(find_case(tmp_path / "in" / name).images[0]))
@@ -418,7 +418,7 @@ def test_predict_writes_labels_on_the_input_grid(tmp_path, style, name):
 def test_predict_scores_labelled_cases(tmp_path):
     write_case(tmp_path / "in", "BraTS20_Training_001", shape=(13, 11, 9))
     out = make_task(tmp_path).predict(Threshold().eval(), [str(tmp_path / "in" / "BraTS20_Training_001")],
-                                      out_dir=tmp_path / "out")[0]
+                                      out=tmp_path / "out")[0]
     assert out["dice"]["ET"] == 1.0 and out["dice"]["TC"] == 1.0 and out["dice"]["WT"] < 1.0
 
 
@@ -432,9 +432,9 @@ def test_predict_skips_unreadable_cases_given_a_handler(tmp_path):
     cut.write_bytes(cut.read_bytes()[:100])
     task = make_task(tmp_path)
     with pytest.raises(BadSampleError, match="BraTS20_Training_001"):
-        task.predict(Threshold().eval(), [str(tmp_path / "in")], out_dir=tmp_path / "out")
+        task.predict(Threshold().eval(), [str(tmp_path / "in")], out=tmp_path / "out")
     skipped = []
-    out = task.predict(Threshold().eval(), [str(tmp_path / "in")], out_dir=tmp_path / "out",
+    out = task.predict(Threshold().eval(), [str(tmp_path / "in")], out=tmp_path / "out",
                        on_bad_sample=skipped.append)
     assert [c["case"] for c in out] == ["BraTS20_Training_002"] and Path(out[0]["file"]).is_file()
     assert ["BraTS20_Training_001" in str(skipped[0]), "BraTS20_Training_003" in str(skipped[1])] == [True, True]

@@ -14,7 +14,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import InputSpec, OnBadSample, Task, expand_images, read_image, readable
+from ..base import InputSpec, OnBadSample, Predictions, Task, expand_images, read_image, readable
 from . import export as detector_export
 from .coco import CocoAnnotations, CocoDetection
 from .image_ids import CocoImageIds
@@ -52,13 +52,13 @@ def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: li
     return draw_bounding_boxes(image, boxes.float(), captions, colors=colors, width=2)
 
 
-class CocoResults(list):
-    """COCO-results dicts (a plain list to json.dumps) with `images`, the number of images
+class CocoResults(Predictions):
+    """COCO-results dicts (a plain list to json.dumps) with `count`, the number of images
     predicted, and `ids`, the CocoImageIds that says where their image ids came from."""
 
     def __init__(self, ids: CocoImageIds):
-        super().__init__()
-        self.ids, self.images = ids, 0
+        super().__init__(count=0)
+        self.ids = ids
 
 
 class DetectionTask(Task):
@@ -227,19 +227,23 @@ class DetectionTask(Task):
         rows = [f"| {n} | {ap:.3f} |" for n, ap in metrics["per_class_ap"].items()]
         return lines + ["| class | AP@[.5:.95] |", "|---|---|", *rows]
 
+    predict_options = ("score_thresh", "annotations")
+    predicts_into_folder = True
+
     @torch.no_grad()
-    def predict(self, model: nn.Module, paths: list[str], out_dir: str | Path | None = None,
-                device="cpu", score_thresh: float = 0.3, annotations: str | Path | None = None,
-                on_bad_sample: OnBadSample = None) -> CocoResults:
+
+    def predict(self, model: nn.Module, inputs: list[str], out: str | Path | None = None, *, device="cpu",
+                on_bad_sample: OnBadSample = None, score_thresh: float = 0.3,
+                annotations: str | Path | None = None) -> CocoResults:
         """COCO-results dicts (one per box with score >= score_thresh) for image files or folders.
 
         Each dict: image_id (the image's id in its COCO instances file, `annotations` or the one
         beside it in the COCO layout; absent for an image in none), file_name, category_id,
         category (class name), bbox [x, y, w, h] in original-image pixels, score. The list's `ids`
-        says where the image ids came from (`ids.notes()`). With `out_dir`, also writes
-        out_dir/predictions.json and one PNG per image, boxes drawn. An unreadable image goes to
+        says where the image ids came from (`ids.notes()`). With `out`, also writes
+        out/predictions.json and one PNG per image, boxes drawn. An unreadable image goes to
         `on_bad_sample` and is left out, or without it raises BadSampleError."""
-        files = expand_images(paths)
+        files = expand_images(inputs)
         size, names = self.recipe.data.img_size, self.recipe.data.class_names
         if names is None:
             self.annotations("val")  # the run's class names, from its data
@@ -248,12 +252,12 @@ class DetectionTask(Task):
         run_cat_ids = None  # the run's own category ids, looked up only if an image needs them
         tf = eval_transform(size)
         model.eval()
-        out_dir = Path(out_dir) if out_dir is not None else None
+        out_dir = Path(out) if out is not None else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         stems = [f.stem for f in files]
         for (idx, f), image in readable(enumerate(files), lambda item: read_image(item[1]), on_bad_sample):
-            results.images += 1
+            results.count += 1
             image_id, cat_ids = results.ids.lookup(f)
             if cat_ids is None:
                 run_cat_ids = run_cat_ids or self.category_ids()
@@ -273,6 +277,11 @@ class DetectionTask(Task):
             if out_dir is not None:
                 name = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{idx + 1}"
                 write_png(draw(image, boxes, labels, scores, names), str(out_dir / f"{name}.png"))
+        wrote = ""
         if out_dir is not None:
             (out_dir / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
+            wrote = f"; wrote {out_dir / 'predictions.json'} and drawings in {out_dir}"
+        results.lines = [f"{len(results)} boxes with score >= {score_thresh} on {results.count} images{wrote}"]
+        for note in results.ids.notes():
+            (results.notes if note.startswith("warning") else results.lines).append(note)
         return results

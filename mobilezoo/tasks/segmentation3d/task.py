@@ -1,6 +1,7 @@
 """The segment3d task: BraTS NIfTI cases, Dice + BCE on (WT, TC, ET), Dice/HD95, predict + overlays."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ... import data as embedded
 from ...models import create_model
-from ..base import InputSpec, OnBadSample, Task, readable
+from ..base import InputSpec, OnBadSample, Predictions, Task, readable
 from .brats import MODALITIES, REGIONS, find_cases, regions_to_labels, split_cases
 from .dataset import BratsDataset, collate_volumes
 from .metric import HD95_MAX, BratsMetric
@@ -146,9 +147,11 @@ class Segmentation3DTask(Task):
 
     # --- prediction -----------------------------------------------------------------------------
 
+    predicts_into_folder = True
+
     @torch.no_grad()
-    def predict(self, model: nn.Module, inputs: list[str], out_dir: str | Path | None = None,
-                device="cpu", on_bad_sample: OnBadSample = None) -> list[dict]:
+    def predict(self, model: nn.Module, inputs: list[str], out: str | Path | None = None, *, device="cpu",
+                on_bad_sample: OnBadSample = None) -> Predictions:
         """Segment case folders (or folders of case folders): writes OUT/<case>_seg.nii.gz with BraTS
         labels on each input's own voxel grid (shape, affine, header) and OUT/<case>_overlay.png.
 
@@ -156,9 +159,10 @@ class Segmentation3DTask(Task):
         labelled cases, dice and hd95 per region. A case that cannot be read goes to `on_bad_sample`
         and is left out, or without it raises BadSampleError."""
         cases = find_cases(inputs, on_bad_sample)
-        out = Path(out_dir) if out_dir is not None else Path("predictions")
+        out = Path(out) if out is not None else Path("predictions")
         model.eval()
 
         def segment(case):
             return predict_case(model, case, out, self.roi, self.opts, device)
-        return [result for _, result in readable(cases, segment, on_bad_sample)]
+        results = [result for _, result in readable(cases, segment, on_bad_sample)]
+        return Predictions(results, lines=[json.dumps(results, indent=2)])

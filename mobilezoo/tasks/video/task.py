@@ -11,8 +11,8 @@ from torch.utils.data import Dataset, Subset
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import InputSpec, OnBadSample, Task, readable
-from ..classification import ClassificationMetric, stratified_subset
+from ..base import InputSpec, OnBadSample, Predictions, Task, readable
+from ..classification import ClassificationMetric, stratified_subset, topk_predictions, topk_record
 from .dataset import VideoClips, folder_samples, list_samples
 from .decode import expand_videos, read_clip
 from .sampling import OUT_OF_BOUND
@@ -190,13 +190,14 @@ class VideoTask(Task):
         return [f"**val {self.summary(metrics)}**", "", "![confusion matrix](confusion.png)", "",
                 "| class | accuracy |", "|---|---|", rows]
 
+    predict_options = ("topk",)
+
     @torch.no_grad()
-    def predict(self, model: nn.Module, paths: list[str], topk: int = 5, device="cpu",
-                on_bad_sample: OnBadSample = None) -> list[dict]:
+    def predict(self, model: nn.Module, inputs: list[str], out: str | Path | None = None, *, device="cpu",
+                on_bad_sample: OnBadSample = None, topk: int = 5) -> Predictions:
         """Top-k labels with probabilities for each video file (folders are expanded), averaged over the
-        test views (test_clips x test_crops). An unreadable video goes to `on_bad_sample` and is left
-        out, or without it raises BadSampleError."""
-        files = expand_videos(paths)
+        test views (test_clips x test_crops), as a JSON file `out` (or the lines, without it)."""
+        files = expand_videos(inputs)
         names = self.recipe.data.class_names or []
         if not names:
             raise DataError("the run has no class names (data.class_names); was it trained?")
@@ -204,11 +205,8 @@ class VideoTask(Task):
         views = VideoClips([], names, o, self.recipe.data.img_size, False, o["test_clips"], o["test_crops"],
                            o["test_short_side"])
         model.eval()
-        out = []
+        records = []
         for f, (frames, _) in readable(files, lambda f: read_clip(f, views.indices), on_bad_sample):
             x = torch.cat([views.transform(to_video(c)) for c in frames])[None].to(device)
-            p = self.probs(model, x)[0]
-            val, idx = p.topk(min(topk, len(names)))
-            out.append({"file": str(f), "topk": [{"label": names[i], "prob": round(v, 6)}
-                                                  for v, i in zip(val.tolist(), idx.tolist())]})
-        return out
+            records.append(topk_record(f, self.probs(model, x)[0], names, topk))
+        return topk_predictions(records, out)
