@@ -125,8 +125,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .engine import Context, evaluate, load_run, resolve_device
+    from .engine import Context, evaluate, resolve_device
     from .engine.loop import eval_loader
+    from .tasks import load_run
     recipe, task, model = load_run(args.run, _overrides(args))
     onnx = args.runtime == "onnxruntime"
     ctx = Context(torch.device("cpu") if onnx else resolve_device(recipe.train.device),
@@ -178,7 +179,8 @@ def _tally_skipped(skipped: list[str], predicted: int) -> None:
 def cmd_predict(args) -> int:
     import torch
 
-    from .engine import load_run, resolve_device
+    from .engine import resolve_device
+    from .tasks import load_run
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
     options = {k: getattr(args, k) for k in ("topk", "score_thresh", "annotations") if getattr(args, k) is not None}
     unknown = sorted(set(options) - set(task.predict_options))
@@ -203,11 +205,11 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .deploy.export import check_onnx, export_onnx
     from .deploy.quantize import quantize_int8, split_for_calibration
-    from .engine import load_run
     src = Path(args.source)
     if not (src / "config.yaml").is_file():
         raise UserError(f"{src}: not a run directory (no config.yaml); export needs a trained run, whose "
                         "data checks the export")
+    from .tasks import load_run
     recipe, task, model = load_run(src, [f"data.name={json.dumps(args.calib_data)}"] if args.calib_data else [])
     x = task.example_inputs(args.check_samples)
     out = Path(args.out or src / "model.onnx")

@@ -127,8 +127,8 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
     """Train, evaluate, predict, export and time every task (or `tasks`); write report.md/.html."""
     from tqdm import tqdm
 
-    from .engine import fit, load_run
-    from .tasks import build_task
+    from .engine import fit
+    from .tasks import build_task, load_run
     names = tasks or list(DEMOS)
     unknown = [n for n in names if n not in DEMOS]
     if unknown:
@@ -140,7 +140,7 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
         overrides = [f"out={json.dumps(str(run_dir))}", *demo.overrides, *(demo.quick if quick else ())]
         recipe = load_recipe(demo.recipe, overrides)
         t0 = time.time()
-        metrics = fit(recipe, build_task(recipe))
+        metrics = fit(recipe, build_task(recipe), overwrite=True)  # a demo run replaces the last one
         seconds = time.time() - t0
         recipe, task, model = load_run(run_dir)
         rows, export = _deploy(name, recipe, task, model, demo.input_shape(recipe), run_dir, runs=3 if quick else 20)

@@ -18,13 +18,11 @@ from tqdm import tqdm
 
 from ..errors import TrainingDiverged, UserError
 from ..models.weights import load_weights
-from ..recipes import Recipe, load_recipe
+from ..recipes import Recipe
 from .batchnorm import one_sample_batchnorm, recalibrate_bn
 from .checkpoint import (
-    EMA_WEIGHTS,
     RUN_FILES,
     STATE,
-    WEIGHTS,
     checkpoint_epoch,
     load_checkpoint,
     save_checkpoint,
@@ -353,18 +351,3 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     tmp = run_dir / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     os.replace(tmp, run_dir / "metrics.jsonl")
-
-
-def load_run(run_dir: str | Path, overrides: list[str] | None = None):
-    """(recipe, task, model) of a finished run directory, with its best weights loaded (EMA if any)."""
-    from ..tasks import build_task
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    recipe = load_recipe(str(run_dir / "config.yaml"), overrides)
-    task = build_task(recipe)
-    model = task.build_model()
-    weights = run_dir / EMA_WEIGHTS if (run_dir / EMA_WEIGHTS).is_file() else run_dir / WEIGHTS
-    load_weights(model, weights)
-    return recipe, task, model.eval()
-

@@ -1,8 +1,12 @@
 """Tasks: each owns its datasets, head/loss, metrics and prediction; the engine runs them all."""
 from __future__ import annotations
 
-from ..errors import RecipeError
-from ..recipes import Recipe
+from pathlib import Path
+
+from ..engine.checkpoint import EMA_WEIGHTS, WEIGHTS
+from ..errors import RecipeError, UserError
+from ..models.weights import load_weights
+from ..recipes import Recipe, load_recipe
 from .base import Task
 from .classification import ClassificationTask
 from .detection import DetectionTask
@@ -13,6 +17,19 @@ TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": Detect
                                 "segment3d": Segmentation3DTask, "video": VideoTask}
 
 
+def load_run(run_dir: str | Path, overrides: list[str] | None = None):
+    """(recipe, task, model) of a run directory, with its best weights loaded (EMA if any)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    recipe = load_recipe(str(run_dir / "config.yaml"), overrides)
+    task = build_task(recipe)
+    model = task.build_model()
+    weights = run_dir / EMA_WEIGHTS if (run_dir / EMA_WEIGHTS).is_file() else run_dir / WEIGHTS
+    load_weights(model, weights)
+    return recipe, task, model.eval()
+
+
 def build_task(recipe: Recipe) -> Task:
     """The task object the recipe names."""
     if recipe.task not in TASKS:
@@ -20,4 +37,4 @@ def build_task(recipe: Recipe) -> Task:
     return TASKS[recipe.task](recipe)
 
 
-__all__ = ["Task", "TASKS", "build_task"]
+__all__ = ["Task", "TASKS", "build_task", "load_run"]

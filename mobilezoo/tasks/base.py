@@ -104,6 +104,7 @@ class InputSpec:
     quick_shape: tuple[int, ...]
     quick_batch: int
     memory_format: torch.memory_format = torch.channels_last
+    spatial: int = 2  # trailing spatial sides of `shape` (a video's frames are not one)
 
     def sample_shape(self, quick: bool = False) -> tuple[int, ...]:
         """One sample's shape at the benchmark (or quick) size."""
@@ -112,6 +113,15 @@ class InputSpec:
     def batch_size(self, quick: bool = False) -> int:
         """The throughput batch at the benchmark (or quick) size."""
         return self.quick_batch if quick else self.batch
+
+
+def output_shapes(out) -> dict:
+    """{name: shape} of a model's output: a tensor, a sequence of them or a dict."""
+    if isinstance(out, torch.Tensor):
+        return {"output": list(out.shape)}
+    if isinstance(out, (list, tuple)):
+        return {f"output{i}": list(o.shape) for i, o in enumerate(out)}
+    return {k: list(v.shape) for k, v in out.items()}
 
 
 class Predictions(list):
@@ -212,6 +222,11 @@ class Task:
     def quantize_refusal(cls, metadata: dict) -> str | None:
         """Why a graph of this task cannot be INT8-quantized (None: it can)."""
         return None
+
+    @classmethod
+    def output_info(cls, name: str, model: nn.Module, x: torch.Tensor, out, kwargs: dict) -> dict:
+        """What `mobilezoo info` reports of a model's outputs on `x` (meta tensors): their shapes."""
+        return {"output_shapes": output_shapes(out)}
 
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape at the recipe's size (what the run's model takes)."""

@@ -196,6 +196,16 @@ class ClassificationTask(Task):
                 f"on {metrics['count']} images", "", "![confusion matrix](confusion.png)", "",
                 "| class | accuracy |", "|---|---|", rows]
 
+    @classmethod
+    def output_info(cls, name: str, model: nn.Module, x: torch.Tensor, out, kwargs: dict) -> dict:
+        """The logits and, for a classifier (not a backbone already), its feature maps by stride."""
+        info = super().output_info(name, model, x, out, kwargs)
+        if not kwargs.get("features_only"):
+            backbone = create_model(name, **{**kwargs, "features_only": True, "num_classes": None}).eval()
+            reductions = [backbone.feature_info[i]["reduction"] for i in backbone.out_indices]
+            info["output_shapes"].update({f"stride{r}": list(f.shape) for r, f in zip(reductions, backbone(x))})
+        return info
+
     predict_options = ("topk",)
 
     @torch.no_grad()

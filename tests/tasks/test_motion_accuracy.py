@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader
 
 from mobilezoo.data import motion
 from mobilezoo.deploy.compiled import compile_for_inference
-from mobilezoo.engine.loop import fit, load_run
+from mobilezoo.engine.loop import fit
 from mobilezoo.layers.fuse import fuse_for_inference
 from mobilezoo.recipes import load_recipe
+from mobilezoo.tasks import load_run
 from mobilezoo.tasks.video import VideoTask
 
 

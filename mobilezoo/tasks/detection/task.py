@@ -156,6 +156,13 @@ class DetectionTask(Task):
     def bench_model_kwargs(cls, shape: tuple[int, ...]) -> dict:
         return {"num_classes": 90}  # COCO's 90 classes, as the released detectors
 
+    @classmethod
+    def output_info(cls, name: str, model: nn.Module, x: torch.Tensor, out, kwargs: dict) -> dict:
+        regression, logits, _ = out
+        features = {f"feature{i}": list(f.shape) for i, f in enumerate(model.features(x))}
+        return {"output_shapes": {"box_regression": list(regression.shape), "class_logits": list(logits.shape),
+                                  **features}, "anchors": regression.shape[1]}
+
     export_modes = detector_export.MODES
     int8_mode = "raw"  # INT8 quantizes the heads; the score threshold and NMS stay fp32
 

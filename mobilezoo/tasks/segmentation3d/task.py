@@ -36,7 +36,7 @@ class Segmentation3DTask(Task):
 
     name = "segment3d"
     headline = "dice"
-    inputs = InputSpec("volume", (4, 128, 128, 128), 1, (4, 32, 32, 32), 1, torch.channels_last_3d)
+    inputs = InputSpec("volume", (4, 128, 128, 128), 1, (4, 32, 32, 32), 1, torch.channels_last_3d, spatial=3)
     fully_convolutional = True  # volumes of any size: sliding windows, or whole brains
     collate = staticmethod(collate_volumes)
 
