@@ -22,15 +22,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Every benchmark writes benchmarks/results/NAME.json; update_readme.py re-renders the README tables.
+# Every benchmark writes benchmarks/results/NAME.json; update_readme.py re-renders the tables of
+# README.md and docs/benchmarks.md.
 MZ := $(VENV)/bin/mobilezoo
 RESULTS := benchmarks/results
 bench: $(STAMP)
-	$(MZ) bench --runtimes all --json $(RESULTS)/runtimes.json
+	$(MZ) bench runtimes --json $(RESULTS)/runtimes.json
 	$(PY) benchmarks/moat_vs_timm.py
-	$(MZ) bench ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu \
+	$(MZ) bench detect ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu \
 		--vs tv:ssdlite320_mobilenet_v3_large --json $(RESULTS)/detectors.json
-	$(MZ) bench squeezetime compile:squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s --json $(RESULTS)/video.json
+	$(MZ) bench video squeezetime compile:squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s \
+		--json $(RESULTS)/video.json
 	$(PY) benchmarks/update_readme.py
 
 # Peak training memory, reversible vs plain 3-D U-Net (~30 min): not part of `make bench`.

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from mobilezoo.deploy import benchmark, format_markdown  # noqa: E402
+from mobilezoo.bench.markdown import Column, table  # noqa: E402
+from mobilezoo.bench.suites.classify import benchmark, format_markdown  # noqa: E402
 
 MODELS = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0"]
 EAGER = [f"eager:{m}" for m in MODELS]  # the same models unfused, as trained (fusion gain)
@@ -115,17 +116,28 @@ def _x(v: float | None) -> str:
 
 
 def _ratio_table(rows: list[dict], peers: list[str]) -> str:
-    head = "| Model | Prec | " + " | ".join(f"GMAC/s vs {p} | latency vs {p}" for p in peers) + " |"
-    lines = [head, "|:---|---:|" + "---:|" * (2 * len(peers))]
-    for r in rows:
-        if r["source"] != "mobilezoo":
-            continue
-        cells = []
-        for p in peers:
-            v = r.get(f"vs_{p}")
-            cells += [_x(v and v["gmacs_per_s"]), _x(v and v["latency"])]
-        lines.append(f"| {r['name']} | {r['precision']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def ratio(p: str, key: str):
+        return lambda r: _x(r.get(f"vs_{p}") and r[f"vs_{p}"][key])
+    columns = [Column("Model", lambda r: r["name"], "left"), Column("Prec", lambda r: r["precision"], "right")]
+    for p in peers:
+        columns += [Column(f"GMAC/s vs {p}", ratio(p, "gmacs_per_s"), "right"),
+                    Column(f"latency vs {p}", ratio(p, "latency"), "right")]
+    return table(columns, [r for r in rows if r["source"] == "mobilezoo"])
+
+
+def _verdict(g: dict) -> str:
+    return "met" if g["met"] else "NOT met"
+
+
+GMACS_COLUMNS = (
+    Column("Model", lambda g: g["model"], "left"), Column("Prec", lambda g: g["precision"], "right"),
+    Column("GMAC/s", lambda g: f"{g['gmacs_per_s']:.1f}", "right"),
+    Column("vs " + GMACS_REF, lambda g: _x(g["ratio"]), "right"), Column("", _verdict, "left"),
+)
+BF16_COLUMNS = (
+    Column("Model", lambda g: g["model"], "left"),
+    Column("bf16 / fp32 throughput", lambda g: _x(g["speedup"]), "right"), Column("", _verdict, "left"),
+)
 
 
 def render(rows: list[dict], goals: dict, meta: dict) -> str:
@@ -167,18 +179,12 @@ def render(rows: list[dict], goals: dict, meta: dict) -> str:
         f"1. Every MOAT variant achieves at least the GMAC/s of {GMACS_REF}: "
         f"{ok(all(g['met'] for g in g1))}",
         "",
-        "| Model | Prec | GMAC/s | vs " + GMACS_REF + " | |",
-        "|:---|---:|---:|---:|:---|",
-        *[f"| {g['model']} | {g['precision']} | {g['gmacs_per_s']:.1f} | {_x(g['ratio'])} | "
-          f"{'met' if g['met'] else 'NOT met'} |" for g in g1],
+        table(GMACS_COLUMNS, g1),
         "",
         f"2. bf16 at least {BF16_GOAL}x faster than fp32 at batch {meta['batch']}: "
         f"{ok(all(g['met'] for g in g2))}",
         "",
-        "| Model | bf16 / fp32 throughput | |",
-        "|:---|---:|:---|",
-        *[f"| {g['model']} | {_x(g['speedup'])} | "
-          f"{'met' if g['met'] else 'NOT met'} |" for g in g2],
+        table(BF16_COLUMNS, g2),
         "",
     ]
     return "\n".join(out)

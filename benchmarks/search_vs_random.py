@@ -1,4 +1,4 @@
-"""Does the latency-aware search beat random architectures of the same latency? (MobileDets §5 targets)
+"""Does the latency-aware search beat random architectures of the same latency? (the MobileDets paper's search targets)
 
     python benchmarks/search_vs_random.py --latency-model benchmarks/results/latency_model_torch.json \\
         --target-ms 30 --steps 2000 --jobs 3                  # everything (hours on a 2-core CPU)

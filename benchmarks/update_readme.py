@@ -1,10 +1,11 @@
-"""Regenerate the README's benchmark tables from benchmarks/results/*.json.
+"""Regenerate the benchmark tables of the README and docs/benchmarks.md from benchmarks/results/*.json.
 
     python benchmarks/update_readme.py [--check]
 
-Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md and is
-rendered from `benchmarks/results/NAME.json` by the same formatter that printed it. A result file
-that is missing leaves its section as it is. `--check` exits 1 if the README is out of date.
+Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md or
+docs/benchmarks.md and is rendered from `benchmarks/results/NAME.json` by the same formatter that
+printed it. A result file that is missing leaves its section as it is. `--check` exits 1 if either
+file is out of date.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")  # the files that hold marked tables
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -26,22 +28,22 @@ def _moat(result: dict) -> str:
 
 
 def _runtimes(result: dict) -> str:
-    from mobilezoo.deploy.bench_runtimes import format_markdown
+    from mobilezoo.bench.suites.runtimes import format_markdown
     return format_markdown(result)
 
 
 def _detectors(rows: list) -> str:
-    from mobilezoo.deploy.bench_detect import format_markdown
+    from mobilezoo.bench.suites.detect import format_markdown
     return format_markdown(rows)
 
 
 def _video(rows: list) -> str:
-    from mobilezoo.deploy.bench_video import format_markdown
+    from mobilezoo.bench.suites.video import format_markdown
     return format_markdown(rows)
 
 
 def _memory(result: dict) -> str:
-    from mobilezoo.deploy.bench_memory import format_markdown
+    from revunet_memory import format_markdown
     return format_markdown(result)
 
 
@@ -70,18 +72,22 @@ def update(readme: str, results: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if a document is not up to date")
+    p.add_argument("--readme", type=Path, action="append",
+                   help="a document to update (repeatable; default README.md and docs/benchmarks.md)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
-    old = args.readme.read_text()
-    new = update(old, args.results)
-    if args.check:
-        print("README.md is up to date" if new == old else "README.md benchmark tables are out of date")
-        return int(new != old)
-    args.readme.write_text(new)
-    print(f"{args.readme}: {'updated' if new != old else 'already up to date'}")
-    return 0
+    stale = 0
+    for doc in args.readme or DOCUMENTS:
+        old = doc.read_text()
+        new = update(old, args.results)
+        stale += new != old
+        if args.check:
+            print(f"{doc}: {'up to date' if new == old else 'benchmark tables are out of date'}")
+        else:
+            doc.write_text(new)
+            print(f"{doc}: {'updated' if new != old else 'already up to date'}")
+    return int(args.check and stale > 0)
 
 
 if __name__ == "__main__":

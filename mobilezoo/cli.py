@@ -59,7 +59,7 @@ def _overrides(args) -> list[str]:
 
 def _check_arch(path: str) -> None:
     """Validate an architecture file field by field (errors name the layer and the field)."""
-    from .nas import validate_arch
+    from .models.mobiledet import validate_arch
     validate_arch(path)
 
 
@@ -203,7 +203,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .deploy.export import check_onnx, export_onnx
+    from .deploy.export import check_onnx, describe_parity, export_onnx
     from .deploy.quantize import quantize_int8, split_for_calibration
     src = Path(args.source)
     if not (src / "config.yaml").is_file():
@@ -224,15 +224,14 @@ def cmd_export(args) -> int:
     summary = export_onnx(model, x if dynamic else x[:1], out, task, opset=args.opset,
                           dynamic_batch=dynamic, mode=mode)
     parity = check_onnx(model, out, x, task) if len(x) > 1 and not dynamic else summary.get("parity")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); parity with PyTorch on {len(x)} samples of "
-          f"{recipe.data.name}: {json.dumps(parity)}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), {describe_parity(parity)} (of {recipe.data.name})")
     if args.int8:
         calib = task.example_inputs(args.calib_samples)
         q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"), split_for_calibration(calib))
         print(f"wrote {q} ({q.stat().st_size / out.stat().st_size:.2f}x the fp32 size), calibrated on "
               f"{len(calib)} training samples of {recipe.data.name}")
         if args.compare:  # the accuracy and speed change on the val split
-            from .deploy.compare import compare_onnx, format_comparison
+            from .bench.onnx_compare import compare_onnx, format_comparison
             result = compare_onnx(recipe, task, {"fp32": out, "int8": q}, threads=args.threads)
             q.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
             print(format_comparison(result) + f"\n(written to {q.with_suffix('.json')})")
@@ -252,66 +251,15 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .deploy import bench_detect, bench_video
-    from .deploy.bench import benchmark, format_markdown
-    from .models import list_models
-    if args.memory:  # peak training memory, reversible vs plain twin vs SegResNet, fresh process each
-        from .deploy.bench_memory import memory_report
-        try:
-            result, text = memory_report(args.memory, quick=args.quick, threads=args.threads,
-                                         log=lambda m: print(m, file=sys.stderr))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        print(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        return 0
-    if args.runtimes:  # one table: every family x every runtime, peers in the same run
-        from .deploy import bench_runtimes as br
-        runtimes = br.RUNTIMES if "all" in args.runtimes else args.runtimes
-        for m in args.models:
-            if m.endswith(".json"):
-                _check_arch(m)
-        models, peers = (args.models, args.vs) if args.models else (br.SUITE, args.vs or br.SUITE_PEERS)
-        try:
-            result = br.runtime_benchmark(models, peers, runtimes, args.threads, quick=args.quick,
-                                          log=lambda m: print(m, file=sys.stderr))
-        except (KeyError, ValueError) as e:
-            raise UserError(str(e).strip("'\"")) from None
-        print(br.format_markdown(result))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        return 0
-    if not args.models:
-        raise UserError("name at least one model (or --runtimes all, or --memory revunet3d)")
-    videos = set(list_models("video")) | set(bench_video.TORCHVISION)
-    if all(m.split(":")[-1] in videos or m in videos for m in args.models + args.vs):
-        rows = bench_video.video_benchmark(args.models, args.vs, bench_video.parse_clip(args.clip),
-                                           args.threads, precisions=args.precision,
-                                           log=lambda m: print(m, file=sys.stderr))
-        print(bench_video.format_markdown(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-        return 0
-    detectors = set(list_models("detect")) | bench_detect.TORCHVISION
-    for m in args.models:
-        if m.endswith(".json"):
-            _check_arch(m)
-    if all(m in detectors or m.endswith(".json") for m in args.models + args.vs):  # end-to-end detector latency
-        rows = bench_detect.detector_benchmark(args.models, args.vs, args.img_size or 320,
-                                               args.threads, log=lambda m: print(m, file=sys.stderr))
-        print(bench_detect.format_markdown(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-        return 0
-    rows = benchmark(args.models, args.vs, args.img_size or 224, threads=args.threads,
-                     precisions=args.precision, batch=args.batch, iters=args.iters,
-                     log=lambda m: print(m, file=sys.stderr))
-    print(format_markdown(rows))
+    from .bench.suites import NEEDS_MODELS, suite
+    module = suite(args.suite)
+    if args.suite in NEEDS_MODELS and not args.models:
+        raise UserError(f"name at least one model to benchmark, e.g. `mobilezoo bench {args.suite} NAME --vs PEER`")
+    result, text = module.run_cli(args, log=lambda m: print(m, file=sys.stderr))
+    print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -396,26 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(s)
     s.set_defaults(fn=cmd_predict)
 
-    s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s against timm peers")
-    s.add_argument("models", nargs="*", help="our model names, or timm:NAME[@SIZE] for any timm model; "
-                   "detectors are timed end to end against --vs tv:ssdlite320_mobilenet_v3_large")
-    s.add_argument("--vs", nargs="*", default=[], metavar="timm:NAME[@SIZE]",
-                   help="peers timed in the same run; ratios are reported against them")
-    s.add_argument("--img-size", type=int, help="input side (default 224; detectors 320)")
+    s = sub.add_parser("bench", help="latency, throughput, memory and GMAC/s of our models against peers, "
+                       "in one run: mobilezoo bench {classify,detect,video,runtimes} MODELS --vs PEERS")
+    s.add_argument("suite", help="classify (ours vs timm:NAME[@SIZE], fp32/bf16), detect (end to end vs "
+                   "tv:ssdlite320_mobilenet_v3_large), video (vs tv:NAME; eager:NAME is the reference, compile:NAME "
+                   "compiled) or runtimes (every family in every runtime; no models: the whole suite)")
+    s.add_argument("models", nargs="*", help="our model names (detect: or an architecture .json)")
+    s.add_argument("--vs", nargs="*", default=[], metavar="PEER",
+                   help="peers timed in the same run (timm:NAME[@SIZE], tv:NAME, monai:SegResNet); "
+                   "ratios are reported against them")
+    s.add_argument("--img-size", type=int, help="classify: input side (default 224); detect: 320")
     s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    s.add_argument("--batch", type=int, default=32, help="batch size for throughput")
-    s.add_argument("--iters", type=int, default=50, help="timed batch-1 runs in all (spread over the rounds)")
-    s.add_argument("--clip", default="16x224", help="video models: FRAMESxSIDE (default 16x224)")
-    s.add_argument("--memory", metavar="MODEL", help="peak training memory of revunet3d vs its plain twin and "
-                   "SegResNet, and how much larger a reversible net fits (~25 min; --quick ~2 min)")
-    s.add_argument("--runtimes", nargs="+", choices=["all", "eager", "fp32", "bf16", "compile", "compile-bf16",
-                                                     "ort", "int8"],
-                   help="one table of every named model (default: one or more of every family) in each "
-                   "runtime: PyTorch fp32 eager / fused fp32 / bf16 / compiled fp32 / compiled bf16, ONNX "
-                   "Runtime fp32 / INT8; peers (timm:, tv:, monai:SegResNet) in the same run")
-    s.add_argument("--quick", action="store_true", help="--memory: reference crop 48^3 instead of 128^3; "
-                   "--runtimes: small inputs and batches")
+    s.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="classify, video")
+    s.add_argument("--batch", type=int, default=32, help="classify: batch size for throughput")
+    s.add_argument("--iters", type=int, default=50, help="classify: timed batch-1 runs in all (spread over the rounds)")
+    s.add_argument("--clip", default="16x224", help="video: FRAMESxSIDE (default 16x224)")
+    s.add_argument("--runtimes", nargs="+", choices=["eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8"],
+                   help="runtimes: PyTorch fp32 eager / fused fp32 / bf16 / compiled fp32 / compiled bf16, ONNX "
+                   "Runtime fp32 / INT8 (default: all)")
+    s.add_argument("--quick", action="store_true", help="runtimes: small inputs and batches")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
 

@@ -483,9 +483,10 @@ def test_onnxruntime_without_an_export_is_a_one_line_error(capsys, trained, tmp_
     assert rc == 2 and "none.onnx" in error_line(err, "eval") and "export" in error_line(err, "eval")
 
 
-def test_bench_memory_names_the_supported_model(capsys):
-    rc, _, err = cli(capsys, "bench", "--memory", "moat_0")
-    assert rc == 2 and "revunet3d" in error_line(err, "bench")
+def test_bench_names_its_suites_and_where_the_memory_experiment_went(capsys):
+    rc, _, err = cli(capsys, "bench", "memory", "revunet3d")
+    line = error_line(err, "bench")
+    assert rc == 2 and "'memory'" in line and "revunet_memory.py" in line and "runtimes" in line
 
 
 # --- numbers on the command line -------------------------------------------------------------------
@@ -552,3 +553,10 @@ def test_predict_refuses_another_tasks_options(trained, data_root, capsys):
         assert rc == 2
         line = error_line(err, "predict")
         assert flag in line and "classify run" in line and "--topk" in line
+
+
+def test_info_on_a_bare_backbone_lists_its_feature_maps(capsys):
+    rc, out, err = cli(capsys, "info", "mobiledet_cpu", "--img-size", "64", "--json")
+    assert rc == 0, err
+    shapes = json.loads(out)["output_shapes"]
+    assert len(shapes) >= 2 and all(s[0] == 1 and s[2] <= 64 // 8 for s in shapes.values())

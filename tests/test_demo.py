@@ -1,7 +1,10 @@
 """`mobilezoo demo --quick` writes the whole demo report from a real (tiny) training run."""
 import json
 
+import pytest
+
 from mobilezoo.cli import main
+from mobilezoo.deploy.export import describe_parity as parity_sentence
 
 
 def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
@@ -22,6 +25,10 @@ def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     int8 = results["classify"]["int8"]  # both ONNX files evaluated on the whole val split
     assert int8["rows"]["fp32"]["count"] == 128 and int8["metric"] == "top1"
     assert f"{int8['rows']['int8']['metric']:.4f} (INT8)" in report
+    onnx_line = next(ln for ln in report.splitlines() if ln.startswith("ONNX export"))
+    parity = results["classify"]["onnx_parity"]
+    assert "{" not in onnx_line and "passed" in onnx_line  # a sentence, not a printed dict
+    assert f"{parity['max_abs_diff']:.1e}" in onnx_line
     html = (out / "report.html").read_text()
     assert "<table>" in html and 'src="classify/predictions.png"' in html
 
@@ -43,3 +50,29 @@ def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
         int8 = results[name]["int8"]
         assert int8["metric"] == metric and int8["rows"]["fp32"]["count"] == count, name
         assert (out / name / "model.int8.onnx").is_file()
+
+
+def test_parity_sentence_of_a_network():
+    text = parity_sentence({"task": "classify", "samples": 2, "max_abs_diff": 3.1e-06,
+                            "max_abs_output": 12.5, "tolerance": 0.0001125})
+    assert "{" not in text and "'" not in text
+    assert "2 real inputs" in text and "3.1e-06" in text and "1.1e-04" in text and "passed" in text
+
+
+@pytest.mark.parametrize("compared", [23, 0])
+def test_parity_sentence_of_a_detector(compared):
+    parity = {"task": "detect", "mode": "raw", "samples": 1, "max_abs_diff": 2.0e-05, "max_abs_output": 40.0,
+              "tolerance": 0.00014, "compared": compared, "matched": 1.0,
+              "min_iou": 0.99991 if compared else None, "max_score_diff": 4e-07 if compared else None,
+              "score_thresh": 0.05}
+    text = parity_sentence(parity)
+    assert "{" not in text and "None" not in text
+    assert "1 real image:" in text and "2.0e-05" in text
+    if compared:
+        assert "all 23 detections" in text and "0.9999" in text
+    else:
+        assert "none were compared" in text
+
+
+def test_parity_sentence_when_unchecked():
+    assert "not checked" in parity_sentence(None)

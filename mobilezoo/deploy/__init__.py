@@ -1,4 +1,2 @@
-"""Deployment tools: CPU inference benchmarking against timm peers, model profiles."""
-from .bench import ModelSpec, benchmark, format_markdown, measure, parse_spec
-
-__all__ = ["ModelSpec", "benchmark", "format_markdown", "measure", "parse_spec"]
+"""Deployment tools: ONNX export and INT8 quantization, ONNX Runtime and compiled models, model profiles.
+Benchmarks live in `mobilezoo.bench`."""

@@ -7,12 +7,10 @@ models in about a second, where the dynamo exporter took 10x longer and wrote an
 TF-'same'-padded convs. Shapes are fixed at export time except the batch (`dynamic_batch`) and,
 for fully convolutional tasks, optionally the spatial sides (`dynamic_spatial`).
 
-Before tracing, the model is copied with BatchNorm folded into its convolutions
-(`fuse_for_inference`), and the fused conv+activation modules are turned back into plain conv ->
-activation (their oneDNN op does not export); reversible sequences take their plain path;
-squeeze-excite pools with a mean (ONNX pooling needs a constant kernel, the tracer records the
-map size as a graph value); GroupNorm reduces axis by axis (see `_StagedGroupNorm`). Each is the
-same function; the parity check confirms it on real inputs.
+Before tracing, the model is copied with BatchNorm folded into its convolutions and every other
+module left as it is (`fuse_for_inference(..., fuse_act=False)`: the oneDNN conv+activation op
+does not export); reversible sequences take their plain path; GroupNorm reduces axis by axis (see
+`_StagedGroupNorm`). Each is the same function; the parity check confirms it on real inputs.
 
 What the graph holds is the task's to say (`Task.export_graph`): a classifier, video or 3-D model
 maps its input (named after the task's `inputs`) to logits; a detector exports either its full
@@ -33,8 +31,7 @@ from torch import nn
 
 from ..errors import ParityError, UserError
 from ..layers.conv import reference_padding
-from ..layers.fuse import FusedConvAct, GatedConv1x1, fuse_for_inference
-from ..layers.mbconv import SqueezeExcite
+from ..layers.fuse import fuse_for_inference, replace_modules
 from ..layers.reversible import set_reversible
 from .ort import META_ARRAYS, META_TASK, OrtModel, array_path
 
@@ -52,15 +49,6 @@ def task_class(task):
     if name not in TASKS:
         raise ExportError(f"cannot export for task {name!r}; expected one of {', '.join(TASKS)}")
     return TASKS[name]
-
-
-class _MeanSqueezeExcite(SqueezeExcite):
-    """SqueezeExcite pooling with a mean: the tracer records `x.shape` as graph values, and ONNX
-    pooling needs a constant kernel size (same result as the `avg_pool2d` over the whole map)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.expand(self.act(self.reduce(s))))
 
 
 class _StagedGroupNorm(nn.GroupNorm):
@@ -89,26 +77,16 @@ class _StagedGroupNorm(nn.GroupNorm):
         return x * scale.reshape(shape) + shift.reshape(shape)
 
 
-def _unfuse_activations(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, FusedConvAct):  # keep the folded conv, drop the oneDNN post-op path
-            setattr(module, name, nn.Sequential(child.conv, child.act))
-        elif isinstance(child, GatedConv1x1):  # the per-sample weight scaling has no plain ONNX form
-            setattr(module, name, nn.Sequential(child.se, child.conv, child.act))
-            _unfuse_activations(getattr(module, name))
-        else:
-            _unfuse_activations(child)
+def _staged(norm: nn.GroupNorm) -> _StagedGroupNorm:
+    staged = _StagedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+    staged.load_state_dict(norm.state_dict())
+    return staged
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """An eval-mode CPU copy with BatchNorm folded into the convs and only ops the ONNX exporter knows."""
-    net = fuse_for_inference(model).cpu()  # a deep copy: the caller's model is untouched
-    _unfuse_activations(net)
-    for m in net.modules():
-        if type(m) is SqueezeExcite:
-            m.__class__ = _MeanSqueezeExcite
-        elif type(m) is nn.GroupNorm:
-            m.__class__ = _StagedGroupNorm
+    net = fuse_for_inference(model, fuse_act=False).cpu()  # a deep copy: the caller's model is untouched
+    replace_modules(net, lambda m: _staged(m) if type(m) is nn.GroupNorm else None)
     set_reversible(net, False)  # the reversible autograd Function has no ONNX form; same outputs
     return net.requires_grad_(False)
 
@@ -215,3 +193,30 @@ def check_onnx(model: nn.Module, path: str | Path, inputs, task, *, atol: float 
             return cls.check_parity(model, onnx, x.to(_model_device(model)), atol, rtol)
     finally:
         model.train(was_training)
+
+
+def describe_parity(parity: dict | None) -> str:
+    """The export's parity check against PyTorch (`check_onnx`'s numbers) as one sentence; a
+    detector's check is the one that compares detections."""
+    if not parity:
+        return "not checked against PyTorch"
+    n = parity.get("samples", 0)
+    detections = "compared" in parity
+    what = ("image" if detections else "input") + ("" if n == 1 else "s")
+    parts = []
+    if "max_abs_diff" in parity:
+        heads = "raw head outputs" if detections else "outputs"
+        parts.append(f"{heads} differ by at most {parity['max_abs_diff']:.1e} (tolerance "
+                     f"{parity['tolerance']:.1e}, largest output {parity['max_abs_output']:.3g})")
+    if detections:
+        if parity["compared"]:
+            # A failed check raises during export, so every detection here matched.
+            worst = f"worst IoU {parity['min_iou']:.4f}" if parity.get("min_iou") is not None else ""
+            score = parity.get("max_score_diff")
+            score = f"largest score difference {score:.1e}" if score is not None else ""
+            extra = ", ".join(x for x in (worst, score) if x)
+            parts.append(f"all {parity['compared']} detections scoring at least {parity['score_thresh']:g} "
+                         f"match{f' ({extra})' if extra else ''}")
+        else:
+            parts.append(f"no detection scored at least {parity['score_thresh']:g}, so none were compared")
+    return f"checked against PyTorch on {n} real {what}: {'; '.join(parts)}; passed"

@@ -21,10 +21,27 @@ def _is_symmetric(kernel: int, stride: int, dilation: int) -> bool:
     return stride == 1 and ((kernel - 1) * dilation) % 2 == 0
 
 
+def same_padding(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int = 1,
+                 pad_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(input, weight, padding) that make `F.conv2d(input, weight, ..., padding)` pad as TF 'SAME'.
+
+    The one place TF 'SAME' convolution padding is decided: Conv2dSame, the fused inference conv
+    and the supernet's sliced convs all call it."""
+    kh, kw = weight.shape[-2:]
+    if _is_symmetric(kh, stride, dilation) and _is_symmetric(kw, stride, dilation):
+        return x, weight, [(kh - 1) * dilation // 2, (kw - 1) * dilation // 2]
+    ph, pw = tf_same_pad(x.shape[-2], kh, stride, dilation), tf_same_pad(x.shape[-1], kw, stride, dilation)
+    if pad_weights and dilation == 1 and all(after - before in (0, 1) for before, after in (ph, pw)):
+        # Pads (p, p + 1): prepend a zero row/column to the kernel and pad p + 1 on both sides.
+        # Bit-identical to padding the input, without copying the input (4x faster on CPU).
+        return x, F.pad(weight, (pw[1] - pw[0], 0, ph[1] - ph[0], 0)), [ph[1], pw[1]]
+    return F.pad(x, (pw[0], pw[1], ph[0], ph[1])), weight, [0, 0]
+
+
 class Conv2dSame(nn.Conv2d):
     """nn.Conv2d with TF 'SAME' padding (asymmetric for strided convs, computed per input)."""
 
-    pad_weights = True  # the fast path below; `reference_padding()` turns it off (MAC counting)
+    pad_weights = True  # the fast path of `same_padding`; `reference_padding()` turns it off (MAC counting)
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True):
@@ -37,14 +54,8 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic:
             return super().forward(x)
-        k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
-        ph, pw = tf_same_pad(x.shape[-2], k, s, d), tf_same_pad(x.shape[-1], k, s, d)
-        if self.pad_weights and d == 1 and all(after - before in (0, 1) for before, after in (ph, pw)):
-            # Pads (p, p + 1): prepend a zero row/column to the kernel and pad p + 1 on both sides.
-            # Bit-identical to padding the input, without copying the input (4x faster on CPU).
-            w = F.pad(self.weight, (pw[1] - pw[0], 0, ph[1] - ph[0], 0))
-            return F.conv2d(x, w, self.bias, self.stride, (ph[1], pw[1]), 1, self.groups)
-        return super().forward(F.pad(x, (pw[0], pw[1], ph[0], ph[1])))
+        x, w, padding = same_padding(x, self.weight, self.stride[0], self.dilation[0], self.pad_weights)
+        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 @contextmanager
@@ -103,6 +114,63 @@ def make_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups
     raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
 
 
+def center_slice(t: torch.Tensor, shape) -> torch.Tensor:
+    """The part of a shared tensor that a smaller one inherits: leading entries, centred kernel taps
+    (weight sharing as in TuNAS and once-for-all)."""
+    if t.dim() == 0:
+        return t
+    index = []
+    for d, (have, want) in enumerate(zip(t.shape, shape)):
+        if want > have:
+            raise ValueError(f"cannot take {tuple(shape)} from a shared tensor of shape {tuple(t.shape)}")
+        off = (have - want) // 2 if (t.dim() == 4 and d >= 2) else 0
+        index.append(slice(off, off + want))
+    return t[tuple(index)]
+
+
+def sliced_conv(conv: nn.Conv2d, x: torch.Tensor, out: int | None = None, kernel: int | None = None) -> torch.Tensor:
+    """`conv` on x's (leading) input channels with its first `out` filters and centre `kernel` taps.
+
+    A grouped conv is taken as depthwise: it keeps one filter per input channel."""
+    cin = x.shape[1]
+    depthwise = conv.groups > 1
+    out = cin if depthwise else conv.out_channels if out is None else out
+    k = conv.kernel_size[0] if kernel is None else kernel
+    w = center_slice(conv.weight, (out, 1 if depthwise else cin, k, k))
+    b = None if conv.bias is None else conv.bias[:out]
+    if isinstance(conv, Conv2dSame):
+        x, w, padding = same_padding(x, w, conv.stride[0], conv.dilation[0], conv.pad_weights)
+    else:  # symmetric padding, as make_conv's, for the centred kernel
+        padding = conv.padding if k == conv.kernel_size[0] else [(k - 1) // 2] * 2
+    return F.conv2d(x, w, b, conv.stride, padding, conv.dilation, cin if depthwise else 1)
+
+
+def sliced_batch_norm(bn: nn.BatchNorm2d, y: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
+    """`bn` on y's channels with the first entries of its affine parameters and running statistics.
+
+    In training it normalises with batch statistics and, with `update_stats`, moves the running
+    statistics of that slice only; otherwise they stay untouched."""
+    c = y.shape[1]
+    training = bn.training
+    stats = (bn.running_mean[:c], bn.running_var[:c]) if update_stats or not training else (None, None)
+    return F.batch_norm(y, *stats, bn.weight[:c], bn.bias[:c], training, bn.momentum if training else 0.0, bn.eps)
+
+
+def run_sliced(module: nn.Module, x: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
+    """`module` on x, sliced to x's width: a module with `sliced`, a conv, or a Sequential of those."""
+    if isinstance(module, nn.Sequential) and not hasattr(module, "sliced"):
+        for m in module:
+            x = run_sliced(m, x, update_stats)
+        return x
+    if hasattr(module, "sliced"):
+        return module.sliced(x, update_stats=update_stats)
+    if isinstance(module, nn.Conv2d):
+        return sliced_conv(module, x)
+    if isinstance(module, nn.BatchNorm2d):
+        return sliced_batch_norm(module, x, update_stats)
+    return module(x)
+
+
 class ConvNormAct(nn.Sequential):
     """Conv -> BatchNorm -> activation; norm and activation are optional."""
 
@@ -116,3 +184,11 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers.append(act())
         super().__init__(*layers)
+
+    def sliced(self, x: torch.Tensor, out: int | None = None, kernel: int | None = None,
+               update_stats: bool = True) -> torch.Tensor:
+        """This layer on x's width with `out` outputs and a centred `kernel` (a supernet's sub-network)."""
+        y = sliced_conv(self[0], x, out, kernel)
+        for m in list(self)[1:]:
+            y = sliced_batch_norm(m, y, update_stats) if isinstance(m, nn.BatchNorm2d) else m(y)
+        return y

@@ -9,18 +9,19 @@
   * a squeeze-excite followed by a 1x1 conv (MBConv's `se` + `shrink`, MobileDet's SE + projection)
     becomes one `GatedConv1x1`: the per-sample channel gate scales the conv's weights instead of
     the activations, and the conv runs as one batched matmul (one pass over the tensor less).
+With `fuse_act=False` only the BatchNorms are folded: every other module keeps its type and slot.
 The result computes the same function (to float rounding, ~1e-6 relative) and is for inference only.
 """
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv2dSame, tf_same_pad
-from .mbconv import SqueezeExcite
+from .conv import Conv2dSame, same_padding
+from .squeeze_excite import SqueezeExcite
 
 # Activation module -> (oneDNN post-op name, scalars, algorithm) for mkldnn._convolution_pointwise.
 _POST_OPS = {
@@ -54,11 +55,7 @@ class FusedConvAct(nn.Module):
         conv = self.conv
         if not (isinstance(conv, Conv2dSame) and conv.dynamic):
             return x, conv.weight, list(conv.padding)
-        (k, s), d = (conv.kernel_size[0], conv.stride[0]), conv.dilation[0]
-        ph, pw = tf_same_pad(x.shape[-2], k, s, d), tf_same_pad(x.shape[-1], k, s, d)
-        if d == 1 and all(after - before in (0, 1) for before, after in (ph, pw)):  # Conv2dSame's trick
-            return x, F.pad(conv.weight, (pw[1] - pw[0], 0, ph[1] - ph[0], 0)), [ph[1], pw[1]]
-        return F.pad(x, (pw[0], pw[1], ph[0], ph[1])), conv.weight, [0, 0]
+        return same_padding(x, conv.weight, conv.stride[0], conv.dilation[0], conv.pad_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled() or not _has_pointwise_op():
@@ -93,7 +90,7 @@ class GatedConv1x1(nn.Module):
 
     @staticmethod
     def applies(se: nn.Module, nxt: nn.Module) -> bool:
-        if type(se) is not SqueezeExcite or not isinstance(nxt, FusedConvAct):
+        if type(se) is not SqueezeExcite or se.dims != 2 or not isinstance(nxt, FusedConvAct):
             return False
         c = nxt.conv
         return c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1 and not any(c.padding)
@@ -101,7 +98,7 @@ class GatedConv1x1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         se = self.se
         n, c, h, w = x.shape
-        gate = se.gate(se.expand(se.act(se.reduce(F.avg_pool2d(x, (h, w))))))
+        gate = se.excite(se.pool(x))
         weight = gate.view(n, 1, c) * self.conv.weight.view(1, -1, c)  # (N, C_out, C_in)
         tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when x is channels-last
         bias = self.conv.bias
@@ -163,58 +160,95 @@ def fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
-def _fuse_sequence(seq: nn.Sequential) -> None:
-    """Make each conv -> BatchNorm2d [-> activation] run in `seq` one FusedConvAct, in place.
+_CONVS = (nn.Conv2d, Conv2dSame)
 
-    The BN and activation slots become Identity, so code that indexes or slices the Sequential
-    (e.g. `glo_conv[:3]`) still finds the same layers at the same positions."""
+
+def _fuse_sequence(seq: nn.Sequential, fuse_act: bool) -> None:
+    """Fold each conv -> BatchNorm2d [-> activation] run in `seq`, in place; with `fuse_act` the
+    conv and activation become one FusedConvAct.
+
+    Folded slots become Identity, so code that indexes or slices the Sequential (e.g.
+    `glo_conv[:3]`) still finds the same layers at the same positions."""
     i = 0
     while i + 1 < len(seq):
         conv, bn = seq[i], seq[i + 1]
-        if not (type(conv) in (nn.Conv2d, Conv2dSame) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+        if not (type(conv) in _CONVS and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
             i += 1
             continue
         has_act = i + 2 < len(seq) and type(seq[i + 2]) in _POST_OPS
-        seq[i] = FusedConvAct(fold_bn_after(conv, bn), seq[i + 2] if has_act else nn.Identity())
-        for j in range(i + 1, i + 2 + has_act):
-            seq[j] = nn.Identity()
+        fold_bn_after(conv, bn)
+        seq[i + 1] = nn.Identity()
+        if fuse_act:
+            seq[i] = FusedConvAct(conv, seq[i + 2] if has_act else nn.Identity())
+            if has_act:
+                seq[i + 2] = nn.Identity()
         i += 2 + has_act
 
 
-def _fuse_named(module: nn.Module) -> None:
-    """Fuse the (conv, bn, act-or-None) attribute triples a module lists in `fusable` (ResNet-style code)."""
+def _fuse_named(module: nn.Module, fuse_act: bool) -> None:
+    """Fold the (conv, bn, act-or-None) attribute triples a module lists in `fusable` (ResNet-style code)."""
     for conv_name, bn_name, act_name in getattr(module, "fusable", ()):
         conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-        act = getattr(module, act_name) if act_name else nn.Identity()
-        if isinstance(bn, nn.BatchNorm2d) and type(conv) in (nn.Conv2d, Conv2dSame):
-            setattr(module, conv_name, FusedConvAct(fold_bn_after(conv, bn), act))
-            setattr(module, bn_name, nn.Identity())
+        if not (isinstance(bn, nn.BatchNorm2d) and type(conv) in _CONVS):
+            continue
+        fold_bn_after(conv, bn)
+        setattr(module, bn_name, nn.Identity())
+        if fuse_act:
+            setattr(module, conv_name, FusedConvAct(conv, getattr(module, act_name) if act_name else nn.Identity()))
             if act_name:
                 setattr(module, act_name, nn.Identity())
 
 
-def _fuse_children(module: nn.Module) -> None:
-    if isinstance(module, nn.Sequential):
-        _fuse_sequence(module)
-    _fuse_named(module)
-    for name, child in module.named_children():
-        if type(child) in (nn.Conv2d, Conv2dSame):  # a lone conv still gains prepacked weights
-            setattr(module, name, FusedConvAct(child, nn.Identity()))
-        elif not isinstance(child, FusedConvAct):
-            _fuse_children(child)
-    # Pre-norm block (MBConv): BN -> 1x1 FusedConvAct absorbs the BN.
+def _conv_of(m: nn.Module | None) -> nn.Conv2d | None:
+    if isinstance(m, FusedConvAct):
+        return m.conv
+    return m if type(m) in _CONVS else None
+
+
+def _fuse_pre_norm(module: nn.Module) -> None:
+    """A pre-norm block (MBConv): BN -> unpadded 1x1 conv absorbs the BN."""
     pre, expand = getattr(module, "pre_norm", None), getattr(module, "expand", None)
-    first = expand[0] if isinstance(expand, nn.Sequential) else expand
-    if isinstance(pre, nn.BatchNorm2d) and isinstance(first, FusedConvAct):
-        conv = first.conv
-        if conv.kernel_size == (1, 1) and conv.groups == 1 and not any(conv.padding):
-            fold_bn_before(pre, conv)
-            module.pre_norm = nn.Identity()
-    _fuse_gates(module)
+    conv = _conv_of(expand[0] if isinstance(expand, nn.Sequential) else expand)
+    if isinstance(pre, nn.BatchNorm2d) and conv is not None and conv.kernel_size == (1, 1) \
+            and conv.groups == 1 and not any(conv.padding):
+        fold_bn_before(pre, conv)
+        module.pre_norm = nn.Identity()
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with BatchNorms folded and activations fused (inference only)."""
+def _fuse_children(module: nn.Module, fuse_act: bool) -> None:
+    if isinstance(module, nn.Sequential):
+        _fuse_sequence(module, fuse_act)
+    _fuse_named(module, fuse_act)
+    for name, child in module.named_children():
+        if type(child) in _CONVS:
+            if fuse_act:  # a lone conv still gains prepacked weights
+                setattr(module, name, FusedConvAct(child, nn.Identity()))
+        elif not isinstance(child, FusedConvAct):
+            _fuse_children(child, fuse_act)
+    _fuse_pre_norm(module)
+    if fuse_act:
+        _fuse_gates(module)
+
+
+def fuse_for_inference(model: nn.Module, fuse_act: bool = True) -> nn.Module:
+    """An eval-mode copy of `model` with BatchNorms folded into its convs (inference only).
+
+    With `fuse_act` (the default) convs and their activations, and squeeze-excite gates and their
+    1x1 convs, also run as one op each (`FusedConvAct`, `GatedConv1x1`: CPU speed); without it
+    every module keeps its plain PyTorch type and slot, which is what an exporter can trace."""
     model = copy.deepcopy(model).eval()
-    _fuse_children(model)
+    _fuse_children(model, fuse_act)
+    return model
+
+
+def replace_modules(model: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Swap, in place, every submodule for which `replace(module)` returns a new module; returns `model`.
+
+    Children are visited before their parent is asked, and a replacement is not visited again."""
+    for name, child in model.named_children():
+        new = replace(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            replace_modules(child, replace)
     return model

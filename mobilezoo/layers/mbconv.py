@@ -1,30 +1,16 @@
-"""Squeeze-excite and the pre-norm MBConv block (MOAT's mobile convolution)."""
+"""The pre-norm MBConv block (MOAT's mobile convolution)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .conv import AvgPool2dSame, ConvNormAct, make_conv
 from .drop import DropPath
+from .squeeze_excite import SqueezeExcite
 
-
-class SqueezeExcite(nn.Module):
-    """Global pool -> 1x1 conv (bias) -> act -> 1x1 conv (bias) -> gate -> scale the input."""
-
-    def __init__(self, channels: int, reduced: int, act: Callable[[], nn.Module] = nn.SiLU,
-                 gate: Callable[[], nn.Module] = nn.Sigmoid):
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, reduced, 1, bias=True)
-        self.act = act()
-        self.expand = nn.Conv2d(reduced, channels, 1, bias=True)
-        self.gate = gate()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.avg_pool2d(x, x.shape[-2:])  # 20x faster than mean() on channels-last bf16
-        return x * self.gate(self.expand(self.act(self.reduce(s))))
+__all__ = ["MBConv", "SqueezeExcite"]  # SqueezeExcite: its home before it served 3-D maps too
 
 
 class MBConv(nn.Module):

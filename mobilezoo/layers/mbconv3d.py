@@ -4,29 +4,15 @@ Meant as F or G of an additive coupling, whose "x1 + F(x2)" already is the resid
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-NormFactory = Callable[[int], nn.Module]
-group_norm8: NormFactory = partial(nn.GroupNorm, 8)  # the spec's default norm: GroupNorm with 8 groups
+from .factories import NormFactory, get_norm
+from .squeeze_excite import SqueezeExcite
 
-
-class SqueezeExcite3d(nn.Module):
-    """Global average pool -> 1x1x1 conv (bias) -> act -> 1x1x1 conv (bias) -> sigmoid -> scale."""
-
-    def __init__(self, channels: int, reduced: int, act: Callable[[], nn.Module] = nn.SiLU):
-        super().__init__()
-        self.reduce = nn.Conv3d(channels, reduced, 1, bias=True)
-        self.act = act()
-        self.expand = nn.Conv3d(reduced, channels, 1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.adaptive_avg_pool3d(x, 1)
-        return x * torch.sigmoid(self.expand(self.act(self.reduce(s))))
+group_norm8: NormFactory = get_norm("group", dims=3)  # the default norm: GroupNorm with 8 groups
 
 
 class MBConv3d(nn.Module):
@@ -50,7 +36,7 @@ class MBConv3d(nn.Module):
                        if mid != channels else nn.Identity())
         self.depthwise = nn.Sequential(
             nn.Conv3d(mid, mid, kernel_size, padding=kernel_size // 2, groups=mid, bias=False), norm(mid), act())
-        self.se = SqueezeExcite3d(mid, max(1, int(se_ratio * channels)), act) if se_ratio > 0 else nn.Identity()
+        self.se = SqueezeExcite(mid, max(1, int(se_ratio * channels)), act, dims=3) if se_ratio > 0 else nn.Identity()
         self.project = nn.Sequential(nn.Conv3d(mid, channels, 1, bias=False), norm(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

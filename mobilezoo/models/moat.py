@@ -6,14 +6,15 @@ Stem (two 3x3 convs) -> two stages of MBConv blocks with SE -> two stages of MOA
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..layers import DropPath, MBConv, RelPosAttention2d, make_conv, survival_schedule
+from ..layers.factories import get_norm
 from .registry import register
+from .staged import StagedNet
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class MoatBlock(nn.Module):
         return x + self.drop_path(self.attn(x))
 
 
-class MOAT(nn.Module):
+class MOAT(StagedNet):
     """MOAT classifier / backbone. Input NCHW with sides a multiple of 32 (or of 32 x window)."""
 
     def __init__(self, cfg: MoatConfig, num_classes: int = 1000, in_chans: int = 3,
@@ -71,9 +72,8 @@ class MOAT(nn.Module):
         windows = list(window_size) if window_size is not None else [None] * 4
         if len(windows) != 4:
             raise ValueError(f"window_size needs one entry per stage (4), got {window_size!r}")
-        norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
-        self.cfg, self.num_classes = cfg, num_classes
-        self.features_only, self.out_indices = features_only, tuple(out_indices)
+        norm = get_norm("batch", eps=bn_eps, momentum=bn_momentum)
+        self.cfg = cfg
         self.stem = nn.Sequential(
             make_conv(in_chans, cfg.stem[0], 3, 2, bias=True, padding=padding),
             norm(cfg.stem[0]), nn.GELU(),
@@ -96,45 +96,28 @@ class MOAT(nn.Module):
                 in_ch = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.feature_info = [dict(num_chs=w, reduction=2 ** (s + 2), module=f"stages.{s}")
-                             for s, w in enumerate(cfg.widths)]
-        self.num_features = cfg.widths[-1]
-        if not features_only:
-            self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if not features_only:  # before the head, so that parameters (and optimizer states) keep their order
+            self.norm = nn.LayerNorm(cfg.widths[-1], eps=1e-5)
+        self.setup_outputs(cfg.widths, [2 ** (s + 2) for s in range(4)], [f"stages.{s}" for s in range(4)],
+                           num_classes, features_only, out_indices)
         self.apply(_init_weights)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage's output (before any activation), N x C x H/32 x W/32."""
-        return self._run_stages(self.stem(x))[-1]
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The two stem convs (stride 2)."""
+        return self.stem(x)
 
-    def _run_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+    def feature_stages(self) -> nn.ModuleList:
+        """The four stages: two of MBConv blocks, two of MOAT blocks."""
+        return self.stages
+
+    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        # The blocks' outputs are pre-activation; the official backbone applies GELU to its endpoints.
+        return nn.functional.gelu(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool -> LayerNorm -> Linear (pool first, as the official head does)."""
         x = self.norm(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            outs = self._run_stages(self.stem(x))
-            return [nn.functional.gelu(outs[i]) for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` classes (timm convention)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.head.apply(_init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        """The final Linear layer (timm convention)."""
-        return self.head
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -145,6 +128,9 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, RelPosAttention2d) and m.rel_table is not None:
         nn.init.normal_(m.rel_table, std=0.02)
+
+
+MOAT.init_weights = staticmethod(_init_weights)
 
 
 def _factory(name: str):

@@ -3,12 +3,12 @@
 A layer is a dict: type (conv | ibn | ibn_noexp | fused | tucker), kernel, stride, out,
 expansion (ibn/fused) or ratios [in, out] (tucker), residual, se, act (relu6 | hswish).
 The first layer is the stem conv. The SSD endpoints are derived from the strides: C4 is the
-last layer at stride 16, C5 the last layer (stride 32). The search (issue 7) writes the same format.
+last layer at stride 16, C5 the last layer (stride 32). The architecture search writes the same format.
 """
 from __future__ import annotations
 
 import json
-from functools import partial
+import re
 from pathlib import Path
 
 import torch
@@ -16,68 +16,76 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers import ConvNormAct
+from ..layers.factories import get_act, get_norm
 from ..layers.ibn import MobileBlock, scale_filters
 from .registry import register
 
-ACTIVATIONS = {"relu6": nn.ReLU6, "hswish": nn.Hardswish}
+ACTIVATIONS = {name: get_act(name) for name in ("relu6", "hswish")}  # those the MobileDets tables use
 LAYER_TYPES = ("conv", "ibn", "ibn_noexp", "fused", "tucker")
 
 
-def _layers(rows, act: str, se: bool) -> list[dict]:
-    """Expand compact rows (type, kernel, stride, expansion|ratios, out, residual) into layer dicts."""
-    out = []
-    for kind, k, s, e, c, res in rows:
-        layer = {"type": kind, "kernel": k, "stride": s, "out": c, "residual": res, "act": act,
-                 "se": se and kind not in ("conv", "tucker")}
+_LAYER_CODE = re.compile(r"(conv|ibn_noexp|ibn|fused|tucker)_k(\d+)(?:_s(\d+))?(?:_e(\d+))?"
+                         r"(?:_t([\d.]+)-([\d.]+))?_c(\d+)(_r)?")
+
+
+def decode_layers(code: str, act: str, se: bool) -> list[dict]:
+    """Layer dicts from a compact code, one token per layer as timm's block strings: type, kernel
+    `k`, stride `s` (default 1), expansion `e` (ibn/fused), Tucker ratios `t<in>-<out>`, output
+    width `c`, `_r` for a residual layer; e.g. `ibn_k5_s2_e8_c72` or `tucker_k3_t0.25-0.75_c32_r`."""
+    layers = []
+    for token in code.split():
+        m = _LAYER_CODE.fullmatch(token)
+        if m is None:
+            raise ValueError(f"bad layer code {token!r}")
+        kind, k, s, e, r_in, r_out, c, res = m.groups()
+        layer = {"type": kind, "kernel": int(k), "stride": int(s or 1), "out": int(c), "residual": bool(res),
+                 "act": act, "se": se and kind not in ("conv", "tucker")}
         if kind == "tucker":
-            layer["ratios"] = list(e)
+            layer["ratios"] = [float(r_in), float(r_out)]
         elif kind in ("ibn", "fused"):
-            layer["expansion"] = e
-        out.append(layer)
-    return out
+            layer["expansion"] = int(e)
+        layers.append(layer)
+    return layers
 
 
-Y, N = True, False
-# Transcribed from ssd_mobiledet_feature_extractor.py (spec §2.2-2.5).
+# Transcribed from TF's ssd_mobiledet_feature_extractor.py (the MobileDets release), one line per block.
 ARCHS: dict[str, list[dict]] = {
-    "cpu": _layers([
-        ("conv", 3, 2, None, 16, N), ("ibn_noexp", 3, 1, 1, 8, N),
-        ("ibn", 3, 2, 4, 16, N),
-        ("ibn", 3, 2, 8, 32, N), ("ibn", 3, 1, 4, 32, Y), ("ibn", 3, 1, 4, 32, Y), ("ibn", 3, 1, 4, 32, Y),
-        ("ibn", 5, 2, 8, 72, N), ("ibn", 3, 1, 8, 72, Y), ("ibn", 5, 1, 4, 72, Y), ("ibn", 3, 1, 4, 72, Y),
-        ("ibn", 3, 1, 8, 72, N), ("ibn", 3, 1, 8, 72, Y), ("ibn", 3, 1, 8, 72, Y), ("ibn", 3, 1, 8, 72, Y),
-        ("ibn", 5, 2, 8, 104, N), ("ibn", 5, 1, 4, 104, Y), ("ibn", 5, 1, 4, 104, Y), ("ibn", 3, 1, 4, 104, Y),
-        ("ibn", 3, 1, 8, 144, N),
-    ], "hswish", se=True),
-    "dsp": _layers([
-        ("conv", 3, 2, None, 32, N), ("ibn_noexp", 3, 1, 1, 24, N),
-        ("fused", 3, 2, 4, 32, N), ("fused", 3, 1, 4, 32, Y), ("ibn", 3, 1, 4, 32, Y),
-        ("tucker", 3, 1, (0.25, 0.75), 32, Y),
-        ("fused", 3, 2, 8, 64, N), ("ibn", 3, 1, 4, 64, Y), ("fused", 3, 1, 4, 64, Y), ("fused", 3, 1, 4, 64, Y),
-        ("fused", 3, 2, 8, 120, N), ("ibn", 3, 1, 4, 120, Y), ("ibn", 3, 1, 8, 120, Y), ("ibn", 3, 1, 8, 120, Y),
-        ("fused", 3, 1, 8, 144, N), ("ibn", 3, 1, 8, 144, Y), ("ibn", 3, 1, 8, 144, Y), ("ibn", 3, 1, 8, 144, Y),
-        ("ibn", 3, 2, 4, 160, N), ("ibn", 3, 1, 4, 160, Y), ("fused", 3, 1, 4, 160, Y),
-        ("tucker", 3, 1, (0.75, 0.75), 160, Y),
-        ("ibn", 3, 1, 8, 240, N),
-    ], "relu6", se=False),
-    "edgetpu": _layers([
-        ("conv", 3, 2, None, 32, N), ("tucker", 3, 1, (0.25, 0.75), 16, N),
-        ("fused", 3, 2, 8, 16, N), ("fused", 3, 1, 4, 16, Y), ("fused", 3, 1, 8, 16, Y), ("fused", 3, 1, 4, 16, Y),
-        ("fused", 5, 2, 8, 40, N), ("fused", 3, 1, 4, 40, Y), ("fused", 3, 1, 4, 40, Y), ("fused", 3, 1, 4, 40, Y),
-        ("ibn", 3, 2, 8, 72, N), ("ibn", 3, 1, 8, 72, Y), ("fused", 3, 1, 4, 72, Y), ("fused", 3, 1, 4, 72, Y),
-        ("ibn", 5, 1, 8, 96, N), ("ibn", 5, 1, 8, 96, Y), ("ibn", 3, 1, 8, 96, Y), ("ibn", 3, 1, 8, 96, Y),
-        ("ibn", 5, 2, 8, 120, N), ("ibn", 3, 1, 8, 120, Y), ("ibn", 5, 1, 4, 120, Y), ("ibn", 3, 1, 8, 120, Y),
-        ("ibn", 5, 1, 8, 384, N),
-    ], "relu6", se=False),
-    "gpu": _layers([
-        ("conv", 3, 2, None, 32, N), ("tucker", 3, 1, (0.25, 0.25), 16, N),
-        ("fused", 3, 2, 8, 32, N), *[("tucker", 3, 1, (0.25, 0.25), 32, Y)] * 3,
-        ("fused", 3, 2, 8, 64, N), ("fused", 3, 1, 8, 64, Y), ("fused", 3, 1, 8, 64, Y), ("fused", 3, 1, 4, 64, Y),
-        ("fused", 3, 2, 8, 128, N), *[("fused", 3, 1, 4, 128, Y)] * 3,
-        ("fused", 3, 1, 8, 128, N), *[("fused", 3, 1, 8, 128, Y)] * 3,
-        ("fused", 3, 2, 4, 128, N), *[("fused", 3, 1, 4, 128, Y)] * 3,
-        ("ibn", 3, 1, 8, 384, N),
-    ], "relu6", se=False),
+    "cpu": decode_layers("""
+        conv_k3_s2_c16 ibn_noexp_k3_c8
+        ibn_k3_s2_e4_c16
+        ibn_k3_s2_e8_c32 ibn_k3_e4_c32_r ibn_k3_e4_c32_r ibn_k3_e4_c32_r
+        ibn_k5_s2_e8_c72 ibn_k3_e8_c72_r ibn_k5_e4_c72_r ibn_k3_e4_c72_r
+        ibn_k3_e8_c72 ibn_k3_e8_c72_r ibn_k3_e8_c72_r ibn_k3_e8_c72_r
+        ibn_k5_s2_e8_c104 ibn_k5_e4_c104_r ibn_k5_e4_c104_r ibn_k3_e4_c104_r
+        ibn_k3_e8_c144
+    """, "hswish", se=True),
+    "dsp": decode_layers("""
+        conv_k3_s2_c32 ibn_noexp_k3_c24
+        fused_k3_s2_e4_c32 fused_k3_e4_c32_r ibn_k3_e4_c32_r tucker_k3_t0.25-0.75_c32_r
+        fused_k3_s2_e8_c64 ibn_k3_e4_c64_r fused_k3_e4_c64_r fused_k3_e4_c64_r
+        fused_k3_s2_e8_c120 ibn_k3_e4_c120_r ibn_k3_e8_c120_r ibn_k3_e8_c120_r
+        fused_k3_e8_c144 ibn_k3_e8_c144_r ibn_k3_e8_c144_r ibn_k3_e8_c144_r
+        ibn_k3_s2_e4_c160 ibn_k3_e4_c160_r fused_k3_e4_c160_r tucker_k3_t0.75-0.75_c160_r
+        ibn_k3_e8_c240
+    """, "relu6", se=False),
+    "edgetpu": decode_layers("""
+        conv_k3_s2_c32 tucker_k3_t0.25-0.75_c16
+        fused_k3_s2_e8_c16 fused_k3_e4_c16_r fused_k3_e8_c16_r fused_k3_e4_c16_r
+        fused_k5_s2_e8_c40 fused_k3_e4_c40_r fused_k3_e4_c40_r fused_k3_e4_c40_r
+        ibn_k3_s2_e8_c72 ibn_k3_e8_c72_r fused_k3_e4_c72_r fused_k3_e4_c72_r
+        ibn_k5_e8_c96 ibn_k5_e8_c96_r ibn_k3_e8_c96_r ibn_k3_e8_c96_r
+        ibn_k5_s2_e8_c120 ibn_k3_e8_c120_r ibn_k5_e4_c120_r ibn_k3_e8_c120_r
+        ibn_k5_e8_c384
+    """, "relu6", se=False),
+    "gpu": decode_layers("""
+        conv_k3_s2_c32 tucker_k3_t0.25-0.25_c16
+        fused_k3_s2_e8_c32 tucker_k3_t0.25-0.25_c32_r tucker_k3_t0.25-0.25_c32_r tucker_k3_t0.25-0.25_c32_r
+        fused_k3_s2_e8_c64 fused_k3_e8_c64_r fused_k3_e8_c64_r fused_k3_e4_c64_r
+        fused_k3_s2_e8_c128 fused_k3_e4_c128_r fused_k3_e4_c128_r fused_k3_e4_c128_r
+        fused_k3_e8_c128 fused_k3_e8_c128_r fused_k3_e8_c128_r fused_k3_e8_c128_r
+        fused_k3_s2_e4_c128 fused_k3_e4_c128_r fused_k3_e4_c128_r fused_k3_e4_c128_r
+        ibn_k3_e8_c384
+    """, "relu6", se=False),
 }
 
 
@@ -117,7 +125,48 @@ def endpoints(arch: list[dict]) -> tuple[int, int]:
     return c4, len(arch) - 1
 
 
-def _init_backbone(m: nn.Module) -> None:
+def _check(cond: bool, i: int, name: str, expected: str, layer: dict) -> None:
+    if not cond:
+        raise UserError(f"architecture layer {i}: field '{name}' must be {expected}, got {layer.get(name)!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_arch(arch) -> list[dict]:
+    """`load_arch` plus a check of every field; errors name the layer and field."""
+    arch = load_arch(arch)
+    c_in = None
+    for i, layer in enumerate(arch):
+        if not isinstance(layer, dict):
+            raise UserError(f"architecture layer {i}: expected an object, got {layer!r}")
+        t = layer["type"]
+        _check(t in LAYER_TYPES, i, "type", f"one of {LAYER_TYPES}", layer)
+        _check(_is_int(layer["kernel"]) and layer["kernel"] in (1, 3, 5, 7), i, "kernel", "1, 3, 5 or 7", layer)
+        _check(layer["stride"] in (1, 2) and _is_int(layer["stride"]), i, "stride", "1 or 2", layer)
+        _check(_is_int(layer["out"]) and layer["out"] > 0, i, "out", "a positive int", layer)
+        _check(isinstance(layer.get("residual", False), bool), i, "residual", "true or false", layer)
+        _check(isinstance(layer.get("se", False), bool), i, "se", "true or false", layer)
+        if t in ("ibn", "fused"):
+            e = layer.get("expansion", 8)
+            _check(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 1, i, "expansion",
+                   "a number > 1", layer)
+        if t == "tucker":
+            r = layer.get("ratios", [0.25, 0.25])
+            _check(isinstance(r, (list, tuple)) and len(r) == 2
+                   and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in r), i, "ratios",
+                   "two numbers in (0, 1]", layer)
+        if layer.get("residual", False):
+            _check(t not in ("conv", "ibn_noexp") and layer["stride"] == 1 and layer["out"] == c_in, i,
+                   "residual", f"false unless stride 1, out == in ({c_in}) and an ibn/fused/tucker layer", layer)
+        c_in = layer["out"]
+    endpoints(arch)
+    return arch
+
+
+def init_tf_he_normal(m: nn.Module) -> None:
+    """TF1 he_normal init of a conv (truncated normal), zero biases: the MobileDet backbone's init."""
     # TF1 he_normal (truncated, std sqrt(2/fan_in)/0.8796); depthwise: fan_in = k*k. Biases 0.
     if isinstance(m, nn.Conv2d):
         fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
@@ -134,7 +183,7 @@ class MobileDetBackbone(nn.Module):
                  bn_momentum: float = 0.01, padding: str = "same"):
         super().__init__()
         self.arch = load_arch(arch)
-        norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
+        norm = get_norm("batch", eps=bn_eps, momentum=bn_momentum)
         layers, c = [], in_chans
         for spec in self.arch:
             out = scale_filters(spec["out"], multiplier)
@@ -153,7 +202,7 @@ class MobileDetBackbone(nn.Module):
         widths = [scale_filters(s["out"], multiplier) for s in self.arch]
         self.feature_info = [dict(num_chs=widths[self.c4], reduction=16, module=f"layers.{self.c4}"),
                              dict(num_chs=widths[self.c5], reduction=32, module=f"layers.{self.c5}")]
-        self.apply(_init_backbone)
+        self.apply(init_tf_he_normal)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []

@@ -8,7 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .weights import load_weights
+from .weights import KeyRename, load_weights
 
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -21,6 +21,7 @@ class ModelEntry:
     task: str
     factory: Callable[..., nn.Module]
     input_size: tuple[int, ...]
+    checkpoint_filter: KeyRename | None = None  # foreign checkpoint key -> ours (timm's checkpoint_filter_fn)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -31,9 +32,10 @@ class UnknownModelError(UserError, ValueError):
 
 
 def register(name: str, task: str, factory: Callable[..., nn.Module],
-             input_size: tuple[int, ...], module: str) -> None:
-    """Register `factory` under `name` here and in timm's registry."""
-    _REGISTRY[name] = ModelEntry(name, task, factory, input_size)
+             input_size: tuple[int, ...], module: str, checkpoint_filter: KeyRename | None = None) -> None:
+    """Register `factory` under `name` here and in timm's registry; `checkpoint_filter` renames
+    the keys of the family's official checkpoints when `create_model(checkpoint=...)` loads one."""
+    _REGISTRY[name] = ModelEntry(name, task, factory, input_size, checkpoint_filter)
     try:
         from timm.models import register_model
     except ImportError:  # timm is optional for the library itself
@@ -70,11 +72,8 @@ def get_entry(name: str) -> ModelEntry:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model by name, e.g. `create_model("tiny_moat_0", num_classes=10)`."""
     checkpoint = kwargs.pop("checkpoint", None)
-    model = get_entry(name).factory(**kwargs)
+    entry = get_entry(name)
+    model = entry.factory(**kwargs)
     if checkpoint is not None:
-        from . import squeezetime  # official SqueezeTime .pth files (mmaction2 key layout) load as well
-        if name.startswith("squeezetime") and squeezetime.is_official_checkpoint(checkpoint):
-            squeezetime.load_official(model, checkpoint)
-        else:
-            load_weights(model, checkpoint)
+        load_weights(model, checkpoint, rename=entry.checkpoint_filter)
     return model

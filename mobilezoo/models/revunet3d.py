@@ -1,7 +1,7 @@
 """Memory-efficient 3D U-Net with reversible MBConv couplings (Pendse et al., BrainLes 2020).
 
-Layout (spec /work/shared/specs/revunet3d.md §2.2; the paper's own numbers are unknown, so every
-default below is the spec's SPEC-DEFAULT and an option):
+Layout (the paper gives no widths, depths or block settings, so every default below is
+mobilezoo's, and an option; docs/models/revunet3d.md says where each comes from):
 
     stem 3x3x3 conv (no bias) -> per level l: [down: 3x3x3 stride-2 conv + norm] -> encoder sequence
     -> per level from the bottom up: up (2x2x2 stride-2 transposed conv) + encoder output of that level
@@ -16,7 +16,7 @@ Options (keyword arguments of `create_model("revunet3d", ...)`):
                     128^3 crop reaches 16^3 at the bottom. Each must be even (the coupling splits it).
     encoder_blocks  couplings per encoder level, default (1, 1, 2, 4); one entry per level.
     decoder_blocks  couplings per decoder level (top level first), default (1, 1, 1); levels - 1 entries.
-    expansion       MBConv expansion t of the C/2-channel input, default 4 (spec: t in {1, 2, 4, 6}).
+    expansion       MBConv expansion t of the C/2-channel input, default 4 (MBConv's usual t in {1, 2, 4, 6}).
     norm            "group" (GroupNorm, 8 groups), "instance" or "batch"; default "group" (no running
                     statistics, fine at batch 1-2). Every C/2 and t*C/2 must divide by 8 for "group".
     act             "silu" (default), "relu", "relu6", "gelu" or "leaky_relu".
@@ -41,15 +41,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers.factories import GROUP_NORM_GROUPS, NORMS, get_act, get_norm
 from ..layers.mbconv3d import MBConv3d
 from ..layers.reversible import AdditiveCoupling, ReversibleSequence, set_reversible
 from .registry import register
 
 REGIONS = ("WT", "TC", "ET")  # output channel order of the head (sigmoid per channel, by the task)
-GROUPS = 8
-ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU}
-NORMS = {"group": partial(nn.GroupNorm, GROUPS), "instance": partial(nn.InstanceNorm3d, affine=True),
-         "batch": nn.BatchNorm3d}
+GROUPS = GROUP_NORM_GROUPS
+ACTIVATIONS = ("silu", "relu", "relu6", "gelu", "leaky_relu")  # names of the shared activation table
 
 
 class RevUNetError(UserError, ValueError):
@@ -111,7 +110,7 @@ class RevUNet3d(nn.Module):
         channels, encoder_blocks, decoder_blocks = tuple(channels), tuple(encoder_blocks), tuple(decoder_blocks)
         _check(channels, encoder_blocks, decoder_blocks, expansion, norm, act)
         self.channels, self.in_channels, self.out_channels = channels, in_channels, out_channels
-        norm_layer, act_layer = NORMS[norm], ACTIVATIONS[act]
+        norm_layer, act_layer = get_norm(norm, dims=3), get_act(act)
 
         def sequence(c: int, n: int) -> ReversibleSequence:
             mb = partial(MBConv3d, c // 2, expansion, 3, se, norm_layer, act_layer)

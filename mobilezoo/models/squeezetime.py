@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import UserError
 from ..layers.temporal import CTLBottleneck, squeeze_time
 from .registry import register
-from .weights import CheckpointError, read_state_dict
+from .staged import StagedNet
+from .weights import load_weights, read_state_dict, rename_keys
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ClipShapeError(UserError, ValueError):
     """A clip tensor whose shape is not (N, channels, frames, H, W) for the model it is given to."""
 
 
-class SqueezeTime(nn.Module):
+class SqueezeTime(StagedNet):
     """SqueezeTime video classifier / backbone. Input (N, 3, T, H, W), normalised RGB; output (N, classes)."""
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (64, 128, 256, 512),
@@ -56,8 +57,7 @@ class SqueezeTime(nn.Module):
         super().__init__()
         if not (len(layers) == len(widths) == len(pos_dims) == 4):
             raise ValueError(f"layers, widths and pos_dims need 4 entries each, got {layers}, {widths}, {pos_dims}")
-        self.num_frames, self.in_chans, self.num_classes = num_frames, in_chans, num_classes
-        self.features_only, self.out_indices = features_only, tuple(out_indices)
+        self.num_frames, self.in_chans = num_frames, in_chans
         self.fusable = (("conv1", "bn1", "relu"),)  # the stem, for layers.fuse.fuse_for_inference
         stem = widths[0]
         self.conv1 = nn.Conv2d(in_chans * num_frames, stem, 5, stride=2, padding=2, bias=False)
@@ -71,54 +71,29 @@ class SqueezeTime(nn.Module):
                 blocks.append(CTLBottleneck(in_ch, planes, 2 if s > 0 and i == 0 else 1, pos_dim))
                 in_ch = planes * CTLBottleneck.expansion
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
-        self.feature_info = [dict(num_chs=w * CTLBottleneck.expansion, reduction=2 ** (s + 2), module=f"layer{s + 1}")
-                             for s, w in enumerate(widths)]
-        self.num_features = in_ch
         if not features_only:
             self.drop = nn.Dropout(dropout)
-            self.head = nn.Linear(in_ch, num_classes) if num_classes else nn.Identity()
+        self.setup_outputs([w * CTLBottleneck.expansion for w in widths], [2 ** (s + 2) for s in range(4)],
+                           [f"layer{s + 1}" for s in range(4)], num_classes, features_only, out_indices)
         self.apply(_init_weights)
 
     def stages(self) -> list[nn.Sequential]:
         """The four CTL stages, layer1..layer4."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+    feature_stages = stages
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the clip's shape, squeeze time into channels, 5x5/2 conv -> BN -> ReLU -> 3x3/2 max-pool."""
         if x.dim() != 5 or x.shape[1] != self.in_chans or x.shape[2] != self.num_frames:
             raise ClipShapeError(f"SqueezeTime expects (N, {self.in_chans}, {self.num_frames}, H, W) clips, "
-                             f"got {tuple(x.shape)}")
+                                 f"got {tuple(x.shape)}")
         return self.maxpool(self.relu(self.bn1(self.conv1(squeeze_time(x)))))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage's output, N x 4*widths[3] x H/32 x W/32."""
-        x = self._stem(x)
-        for stage in self.stages():
-            x = stage(x)
-        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool -> dropout -> Linear (the official I2DHead)."""
         x = self.drop(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            x, outs = self._stem(x), []
-            for stage in self.stages():
-                x = stage(x)
-                outs.append(x)
-            return [outs[i] for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` classes (timm convention)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.head.apply(_init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        """The final Linear layer (timm convention)."""
-        return self.head
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -136,8 +111,8 @@ def _init_weights(m: nn.Module) -> None:
 
 # ---------------------------------------------------------------- official checkpoints
 
-# Official key prefix -> ours. mmaction2 files hold `backbone.<name>` (the spec's key table; its §6
-# also describes a `backbone.net.` wrapper, accepted too) and the I2DHead's `cls_head.fc_cls.*`.
+# Official key prefix -> ours. mmaction2 files hold `backbone.<name>` (some show a `backbone.net.`
+# wrapper, accepted too; see docs/models/squeezetime.md) and the I2DHead's `cls_head.fc_cls.*`.
 _OFFICIAL_PREFIXES = (("backbone.net.", ""), ("backbone.", ""), ("cls_head.fc_cls.", "head."))
 
 
@@ -155,41 +130,14 @@ def is_official_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_file() and path.suffix != ".safetensors"
 
 
-def _convert(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    state = read_state_dict(path)  # weights-only load; unwraps mmaction's {"state_dict": ...}
-    out, origin = {}, {}
-    for key, value in state.items():
-        new = official_to_ours(key)
-        if new in out:
-            raise CheckpointError(f"{path}: keys {origin[new]!r} and {key!r} both map to {new!r}")
-        out[new], origin[new] = value, key
-    return out, origin
-
-
 def convert_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An official SqueezeTime checkpoint (mmaction2 dict or plain state dict) as a state dict in our key layout."""
-    return _convert(path)[0]
+    return rename_keys(read_state_dict(path), official_to_ours, path)[0]
 
 
 def load_official(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load an official (or our own) checkpoint; with `strict`, every missing or unexpected key is an error."""
-    state, origin = _convert(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [origin[k] for k in state if k not in own]
-    shapes = [f"{origin[k]} {tuple(state[k].shape)} != {tuple(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if shapes:
-        problems.append(f"shape mismatch in {len(shapes)} keys: " + ", ".join(shapes))
-    if strict and missing:
-        problems.append(f"missing {len(missing)} keys: " + ", ".join(missing))
-    if strict and unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: " + ", ".join(unexpected))
-    if problems:
-        raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
-    return model
+    return load_weights(model, path, strict, rename=official_to_ours)
 
 
 def _factory(name: str):
@@ -203,4 +151,5 @@ def _factory(name: str):
 
 
 for _name, _cfg in VARIANTS.items():
-    register(_name, "video", _factory(_name), (3, _cfg.num_frames, _cfg.input_size, _cfg.input_size), __name__)
+    register(_name, "video", _factory(_name), (3, _cfg.num_frames, _cfg.input_size, _cfg.input_size), __name__,
+             checkpoint_filter=official_to_ours)

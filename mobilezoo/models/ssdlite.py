@@ -1,4 +1,5 @@
-"""SSDLite detector on MobileDet backbones, as the TF object-detection API configures it.
+"""SSDLite detector, composed as torchvision composes SSD, and configured as the TF object-detection
+API configures it on MobileDet backbones.
 
 backbone C4/C5 -> four depthwise extra layers (512, 256, 256, 128) -> unshared depthwise box and
 class heads on the six maps -> TF `create_ssd_anchors` anchors (2,034 at 320x320; option
@@ -11,7 +12,6 @@ detection contract: train mode returns a loss dict, eval mode a list of boxes/sc
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,12 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_f
 
 from ..errors import UserError
 from ..layers import ConvNormAct
+from ..layers.factories import get_norm
 from .mobiledet import ARCHS, MobileDetBackbone
 from .registry import register
 
 EXTRA_DEPTHS = (512, 256, 256, 128)
+TAIL_NORM = get_norm("batch", eps=1e-3, momentum=0.03)  # BN of the extra layers and heads
 
 
 def ssd_anchor_specs(num_layers: int = 6, min_scale: float = 0.2, max_scale: float = 0.95,
@@ -62,6 +64,15 @@ def grid_anchors(sizes: list[tuple[int, int]], specs, image_size: tuple[int, int
     return torch.cat(out).float()
 
 
+def anchor_specs_from_scales(anchor_scales=(0.2, 0.95, 0.1), num_layers: int = 6) -> list[list[tuple[float, float]]]:
+    """`ssd_anchor_specs` from TF's config triple (min scale, max scale, lowest layer's box), checked."""
+    if len(anchor_scales) != 3 or min(anchor_scales) <= 0 or anchor_scales[0] >= anchor_scales[1]:
+        raise UserError(f"anchor_scales: expected [min_scale, max_scale, lowest_scale], positive, min < max; "
+                        f"got {list(anchor_scales)}")
+    min_scale, max_scale, lowest_scale = anchor_scales
+    return ssd_anchor_specs(num_layers, min_scale=min_scale, max_scale=max_scale, lowest_scale=lowest_scale)
+
+
 def extra_layer(in_ch: int, depth: int, norm) -> nn.Sequential:
     """1x1 to depth/2 -> depthwise 3x3 stride 2 -> 1x1 to depth, each BN + ReLU6 (use_depthwise)."""
     mid = max(depth // 2, 16)
@@ -76,73 +87,98 @@ def head(in_ch: int, out_ch: int, norm) -> nn.Sequential:
                          nn.Conv2d(in_ch, out_ch, 1))
 
 
-def _flatten(maps: list[torch.Tensor], width: int) -> torch.Tensor:
-    # NCHW -> NHWC -> (N, H*W*A, width): anchors fastest, then x, then y, as the anchor order.
+def ssdlite_extras(in_ch: int, depths=EXTRA_DEPTHS, norm=TAIL_NORM) -> nn.ModuleList:
+    """The extra layers that continue the backbone's last map, each halving it."""
+    return nn.ModuleList(extra_layer(c, d, norm) for c, d in zip((in_ch, *depths), depths))
+
+
+def ssdlite_heads(widths, anchor_specs, num_logits: int, norm=TAIL_NORM) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """(box heads, class heads): one unshared depthwise head per feature map."""
+    return (nn.ModuleList(head(w, len(s) * 4, norm) for w, s in zip(widths, anchor_specs)),
+            nn.ModuleList(head(w, len(s) * num_logits, norm) for w, s in zip(widths, anchor_specs)))
+
+
+def feature_channels(backbone: nn.Module) -> list[int]:
+    """Channels of the maps `backbone(x)` returns: its timm-style `feature_info` at `out_indices` (all without)."""
+    info = backbone.feature_info
+    return [info[i]["num_chs"] for i in getattr(backbone, "out_indices", range(len(info)))]
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return [m for m in layer.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+def flatten_maps(maps: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-map head outputs NCHW -> (N, anchors, width): anchors fastest, then x, then y, as the anchor order."""
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, width) for m in maps], 1)
 
 
 class SSDLite(nn.Module):
-    """SSDLite with a MobileDet backbone; `num_classes` logits (+1 if `background_class`)."""
+    """SSDLite over any backbone that returns a list of feature maps and describes them in `feature_info`.
 
-    def __init__(self, arch="cpu", num_classes: int = 90, background_class: bool = False,
-                 score_thresh: float = 1e-8, nms_iou: float = 0.6, detections_per_img: int = 100,
-                 topk_candidates: int = 200, focal_alpha: float = 0.75, focal_gamma: float = 2.0,
-                 multiplier: float = 1.0, padding: str = "same", match_iou: float = 0.5,
-                 anchor_scales: tuple[float, float, float] = (0.2, 0.95, 0.1)):
+    The last backbone map is continued by `extras` (default: the four depthwise extra layers); every
+    map gets an unshared box and class head (`heads`, default: depthwise heads sized by
+    `anchor_specs`, one list of (scale, aspect) per map). `num_classes` logits (+1 if
+    `background_class`). Extras and heads built here get TF's initialisation."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 90, *, extras: nn.ModuleList | None = None,
+                 heads: tuple[nn.ModuleList, nn.ModuleList] | None = None, anchor_specs=None,
+                 background_class: bool = False, score_thresh: float = 1e-8, nms_iou: float = 0.6,
+                 detections_per_img: int = 100, topk_candidates: int = 200, focal_alpha: float = 0.75,
+                 focal_gamma: float = 2.0, match_iou: float = 0.5):
         super().__init__()
-        self.backbone = MobileDetBackbone(arch, multiplier=multiplier, padding=padding)
-        norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
-        c4, c5 = (f["num_chs"] for f in self.backbone.feature_info)
-        extras, c = [], c5
-        for d in EXTRA_DEPTHS:
-            extras.append(extra_layer(c, d, norm))
-            c = d
-        self.extras = nn.ModuleList(extras)
-        if len(anchor_scales) != 3 or min(anchor_scales) <= 0 or anchor_scales[0] >= anchor_scales[1]:
-            raise UserError(f"anchor_scales: expected [min_scale, max_scale, lowest_scale], positive, min < max; "
-                            f"got {list(anchor_scales)}")
         for name, iou in (("match_iou", match_iou), ("nms_iou", nms_iou)):
             if not 0 < iou <= 1:
                 raise UserError(f"{name}: expected an IoU in (0, 1], got {iou}")
-        min_scale, max_scale, lowest_scale = anchor_scales
-        self.anchor_specs = ssd_anchor_specs(min_scale=min_scale, max_scale=max_scale, lowest_scale=lowest_scale)
-        widths = [c4, c5, *EXTRA_DEPTHS]
+        self.backbone = backbone
+        channels = feature_channels(backbone)
+        built_extras = extras is None
+        self.extras = ssdlite_extras(channels[-1]) if built_extras else extras
+        widths = [*channels, *(_out_channels(e) for e in self.extras)]
+        self.anchor_specs = anchor_specs if anchor_specs is not None else ssd_anchor_specs(len(widths))
+        if len(self.anchor_specs) != len(widths):
+            raise UserError(f"anchor_specs: expected one entry per feature map ({len(widths)}), "
+                            f"got {len(self.anchor_specs)}")
         self.num_classes, self.background = num_classes, background_class
         self.num_logits = num_classes + int(background_class)
-        self.box_heads = nn.ModuleList(head(w, len(s) * 4, norm) for w, s in zip(widths, self.anchor_specs))
-        self.cls_heads = nn.ModuleList(head(w, len(s) * self.num_logits, norm)
-                                       for w, s in zip(widths, self.anchor_specs))
-        for m in [*self.extras.modules()]:
-            if isinstance(m, nn.Conv2d):  # truncated normal 0.03 in the extra layers
-                nn.init.trunc_normal_(m.weight, std=0.03, a=-0.06, b=0.06)
-        for m in [*self.box_heads.modules(), *self.cls_heads.modules()]:
-            if isinstance(m, nn.Conv2d):  # random normal 0.03 in the box predictor
-                nn.init.normal_(m.weight, std=0.03)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for h in self.cls_heads:
-            nn.init.constant_(h[-1].bias, -4.6)
+        self.box_heads, self.cls_heads = heads if heads is not None else ssdlite_heads(
+            widths, self.anchor_specs, self.num_logits)
+        if built_extras:
+            _init_extras(self.extras)
+        if heads is None:
+            _init_heads(self.box_heads, self.cls_heads)
         self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
         self.matcher = det_utils.SSDMatcher(match_iou)
-        self.score_thresh, self.nms_iou = score_thresh, nms_iou
+        self.match_iou, self.score_thresh, self.nms_iou = match_iou, score_thresh, nms_iou
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self._anchor_cache: dict = {}
 
+    def settings(self) -> dict:
+        """The keyword arguments that build a detector with this one's classes, anchors, matching and decoding."""
+        return dict(num_classes=self.num_classes, background_class=self.background, anchor_specs=self.anchor_specs,
+                    score_thresh=self.score_thresh, nms_iou=self.nms_iou, detections_per_img=self.detections_per_img,
+                    topk_candidates=self.topk_candidates, focal_alpha=self.focal_alpha,
+                    focal_gamma=self.focal_gamma, match_iou=self.match_iou)
+
+    def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One extra layer or head on a map (a supernet runs the slice of it that fits the map)."""
+        return layer(x)
+
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The six SSD feature maps: C4, C5 and the four extra layers."""
-        feats = self.backbone(images)
+        """The SSD feature maps: the backbone's (C4 and C5 for MobileDets), then the extra layers'."""
+        feats = list(self.backbone(images))
         x = feats[-1]
         for layer in self.extras:
-            x = layer(x)
+            x = self.run(layer, x)
             feats.append(x)
         return feats
 
     def head_outputs(self, images: torch.Tensor):
         """(box regression (N, A, 4), class logits (N, A, num_logits), feature-map sizes)."""
         feats = self.features(images)
-        boxes = _flatten([h(f) for h, f in zip(self.box_heads, feats)], 4)
-        logits = _flatten([h(f) for h, f in zip(self.cls_heads, feats)], self.num_logits)
+        boxes = flatten_maps([self.run(h, f) for h, f in zip(self.box_heads, feats)], 4)
+        logits = flatten_maps([self.run(h, f) for h, f in zip(self.cls_heads, feats)], self.num_logits)
         return boxes, logits, [tuple(f.shape[-2:]) for f in feats]
 
     def anchors(self, sizes, image_size, device) -> torch.Tensor:
@@ -208,13 +244,37 @@ class SSDLite(nn.Module):
         return out
 
 
+def _init_extras(extras: nn.Module) -> None:
+    for m in extras.modules():
+        if isinstance(m, nn.Conv2d):  # truncated normal 0.03 in the extra layers
+            nn.init.trunc_normal_(m.weight, std=0.03, a=-0.06, b=0.06)
+
+
+def _init_heads(box_heads: nn.ModuleList, cls_heads: nn.ModuleList) -> None:
+    for m in [*box_heads.modules(), *cls_heads.modules()]:
+        if isinstance(m, nn.Conv2d):  # random normal 0.03 in the box predictor
+            nn.init.normal_(m.weight, std=0.03)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for h in cls_heads:
+        nn.init.constant_(h[-1].bias, -4.6)  # prior probability ~0.01 per class
+
+
+def ssdlite_mobiledet(arch="cpu", num_classes: int = 90, multiplier: float = 1.0, padding: str = "same",
+                      anchor_scales=(0.2, 0.95, 0.1), **kwargs) -> SSDLite:
+    """SSDLite on a MobileDet backbone (C4, C5), configured as TF's object-detection API does."""
+    specs = anchor_specs_from_scales(anchor_scales)
+    return SSDLite(MobileDetBackbone(arch, multiplier=multiplier, padding=padding), num_classes,
+                   anchor_specs=specs, **kwargs)
+
+
 def _detector_factory(variant: str | None):
     def build(**kwargs) -> SSDLite:
         arch = kwargs.pop("arch", variant)
         if arch is None:
             raise ValueError("ssdlite_mobiledet needs arch=NAME_OR_JSON_PATH")
         kwargs.pop("features_only", None)
-        return SSDLite(arch, **kwargs)
+        return ssdlite_mobiledet(arch, **kwargs)
     return build
 
 

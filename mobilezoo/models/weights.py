@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,24 +48,47 @@ def safe_torch_load(path: Path, what: str):
                               f"(pickles carrying code are never loaded): {reason}") from None
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load weights into `model`; with `strict`, any missing, unexpected or mis-shaped key is an error."""
-    state = read_state_dict(path)
+KeyRename = Callable[[str], "str | None"]  # checkpoint key -> model key, or None to drop it
+
+
+def rename_keys(state: dict[str, torch.Tensor], rename: KeyRename | None,
+                path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(renamed state, model key -> checkpoint key); two checkpoint keys landing on one is an error."""
+    if rename is None:
+        return state, {k: k for k in state}
+    out, origin = {}, {}
+    for key, value in state.items():
+        new = rename(key)
+        if new is None:
+            continue
+        if new in out:
+            raise CheckpointError(f"{path}: keys {origin[new]!r} and {key!r} both map to {new!r}")
+        out[new], origin[new] = value, key
+    return out, origin
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 rename: KeyRename | None = None) -> nn.Module:
+    """Load weights into `model`; with `strict`, any missing, unexpected or mis-shaped key is an error.
+
+    `rename` maps a foreign checkpoint's keys onto the model's (as timm's `checkpoint_filter_fn`
+    does); every mismatch is reported under the key the file holds."""
+    state, origin = rename_keys(read_state_dict(path), rename, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+    unexpected = [origin[k] for k in state if k not in own]
+    shapes = [f"{origin[k]} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
     problems = []
     if shapes:
-        problems.append("shape mismatch: " + ", ".join(shapes[:10]))
+        problems.append(f"shape mismatch in {len(shapes)} keys: " + ", ".join(shapes))
     if strict and missing:
-        problems.append(f"missing {len(missing)} keys: " + ", ".join(missing[:10]))
+        problems.append(f"missing {len(missing)} keys: " + ", ".join(missing))
     if strict and unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: " + ", ".join(unexpected[:10]))
+        problems.append(f"unexpected {len(unexpected)} keys: " + ", ".join(unexpected))
     if problems:
         raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=strict)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
     return model
 
 

@@ -1,4 +1,5 @@
-"""The MobileDets architecture search (spec §5): search space, supernet, latency cost model, controller, loop."""
+"""The MobileDets architecture search (TuNAS, as the MobileDets paper uses it): search space, supernet,
+latency cost model, controller, loop."""
 from .controller import Controller, abs_reward
 from .latency import LatencyModel, fit_latency_model, measure_latency
 from .search import run_search

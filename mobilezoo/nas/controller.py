@@ -1,4 +1,4 @@
-"""The TuNAS controller (spec §5.1): independent categorical distributions, REINFORCE, EMA baseline.
+"""The TuNAS controller (google-research `tunas/`): independent categorical distributions, REINFORCE, EMA baseline.
 
 One logit vector per decision, all zero at the start (uniform sampling). Each update takes one
 sampled choice vector and its reward R: advantage = R - baseline, loss = -advantage * log p(choices),

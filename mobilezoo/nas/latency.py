@@ -1,4 +1,4 @@
-"""Latency cost model of the search (spec §5.3): measure random architectures, fit a linear model.
+"""Latency cost model of the search (TuNAS' linear cost model): measure random architectures, fit a linear model.
 
 The model is TuNAS' `coupled_tf_features` regression: latency = b + sum over layer positions of
 w[position][op, input width, output width], i.e. linear in the one-hot indicators of the
@@ -7,7 +7,7 @@ It is fit by (ridge) least squares on end-to-end latencies of randomly sampled a
 Because a few hundred measurements cannot pin down thousands of cross-product weights, the fit
 also has the coarser one-hot groups (op, in, out, op x in, op x out, in x out) of each position;
 each is a sum of cross-product indicators, so after the fit they fold back into the cross-product
-tables and the saved model is exactly the spec's model (a hierarchical ridge prior on it).
+tables and the saved model is exactly TuNAS' model (a hierarchical ridge prior on it).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from ..errors import UserError
 from ..layers.ibn import scale_filters
 from .space import SearchSpace, canonical, get_space, layer_plan, sample, to_arch
 
-SUBSETS = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # of (op, in, out); the last is the spec's
+SUBSETS = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # of (op, in, out); the last is TuNAS'
 RIDGE_GRID = (1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 FORMAT = "mobilezoo-latency-model-1"
 
@@ -113,7 +112,7 @@ class LatencyModel:
         """Least-squares fit on measured (choice vector, latency) pairs; ridge 0 is plain (minimum-norm)
         least squares on the cross-product features only, "auto" picks the ridge strength by 5-fold cross-validation."""
         space = get_space(space)
-        # Plain least squares fits the spec's cross-product features alone (the coarser groups only
+        # Plain least squares fits TuNAS' cross-product features alone (the coarser groups only
         # matter as a prior, i.e. with a ridge penalty).
         subsets = SUBSETS[-1:] if ridge == 0 else SUBSETS
         if len(choices) != len(latencies) or len(choices) < 2:
@@ -227,9 +226,10 @@ def _ort_runner(model, x, threads: int):
 
     from ..deploy.export import export_onnx
     from ..deploy.ort import OrtModel
+    from ..tasks.detection import DetectionTask
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "net.onnx"
-        export_onnx(model, x, path, "detect", detector_mode="raw", check=False)
+        export_onnx(model, x, path, DetectionTask, mode=DetectionTask.int8_mode, check=False)
         session = OrtModel(path, threads=threads)  # the session keeps the graph in memory
     feed = x.numpy()
     return lambda: session.run(feed)
@@ -241,22 +241,17 @@ def measure_latency(arch: list[dict], runtime: str = "torch", threads: int = 1, 
     at size x size; BN folded (torch) or exported to ONNX (onnxruntime). Resize and NMS cost the
     same for every architecture and are left out. The minimum, not the median: on a shared machine the
     noise only ever adds time."""
-    from ..models.ssdlite import SSDLite
+    from ..models.ssdlite import ssdlite_mobiledet
     if runtime not in ("torch", "onnxruntime"):
         raise UserError(f"runtime must be torch or onnxruntime, got {runtime!r}")
-    torch.set_num_threads(threads)
-    model = SSDLite(arch, num_classes=90).eval()
+    from ..bench.threads import num_threads
+    from ..bench.timing import time_calls
+    model = ssdlite_mobiledet(arch, num_classes=90).eval()
     x = torch.randn(1, 3, size, size)
-    with torch.no_grad():  # not inference_mode: the fused convs read their weights' version counter
+    with num_threads(threads), torch.no_grad():  # not inference_mode: fused convs read weight versions
         run = _torch_runner(model, x) if runtime == "torch" else _ort_runner(model, x, threads)
-        for _ in range(warmup):
-            run()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+        time_calls(lambda _: run(), None, warmup)
+        return 1e3 * min(time_calls(lambda _: run(), None, iters))
 
 
 def plot_fit(measured_train, predicted_train, measured_test, predicted_test, path: str | Path, title: str) -> Path:

@@ -1,12 +1,12 @@
-"""The search loop (spec §5.1): alternate shared-weight updates and REINFORCE controller updates.
+"""The search loop (TuNAS'): alternate shared-weight updates and REINFORCE controller updates.
 
 Each step samples a choice vector from the controller, trains the supernet's weights of that
 sub-network for one SGD step on a training batch, then evaluates the *same* sub-network on a
 batch of the reward set and updates the controller with
 R = quality + tau * |predicted latency / target - 1|.
 
-* Reward set: a fixed `reward_fraction` (10%, spec §5.4) of the training split, never trained on;
-  the val split is left for the final evaluation.
+* Reward set: a fixed `reward_fraction` (10%, mobilezoo's default: see docs/models/mobiledets.md)
+  of the training split, never trained on; the val split is left for the final evaluation.
 * Proxy quality: minus the detection loss (focal + box) of the sub-network on the reward batch,
   BatchNorm in batch-statistics mode, the running statistics untouched. mAP on a few images is
   mostly zero early in a short search and far noisier; the loss is its smooth stand-in.
@@ -21,7 +21,7 @@ architecture whose predicted latency is within `final_tolerance` of the target (
 and 2,000 samples; `final_tolerance=None`: the plain per-decision argmax, as TuNAS reports). The
 default 5% leaves room for the cost model's own error (held-out MAE ~3%) inside the 10% that the
 measured latency must meet.
-* `samples_per_step` K > 1 (an option; 1 is the spec's loop): K architectures per step, all scored
+* `samples_per_step` K > 1 (an option; 1 is TuNAS' loop): K architectures per step, all scored
   on the same reward batch, leave-one-out advantages (`Controller.update_group`).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ..tasks.detection.task import fixed_subset
 from ..tasks.detection.transforms import collate_detection, eval_transform, train_transform
 from .controller import Controller, abs_reward
 from .latency import LatencyModel
-from .space import get_space, save_arch, to_arch
+from .space import canonical, get_space, save_arch, to_arch
 from .supernet import SuperDetector
 
 CONFIG_KEYS = ("space", "seed", "batch_size", "reward_batch_size", "img_size", "steps", "tau", "target_ms",
@@ -272,7 +272,9 @@ def run_search(data: str = "shapes", target_ms: float = 50.0, steps: int = 1000,
         print(f"search: no sampled architecture within {final_tolerance:.0%} of {target_ms} ms; "
               f"writing the argmax ({lat_model.predict(final):.1f} ms predicted)")
     arch_path = save_arch(to_arch(space, final), out_dir / "arch.json",
-                          search={"space": space.to_dict(), "choices": final, "step": end, "steps": steps,
+                          # the canonical vector: the one `from_arch` reads back from the written layers
+                          search={"space": space.to_dict(), "choices": canonical(space, final), "step": end,
+                                  "steps": steps,
                                   "target_ms": target_ms, "tau": tau, "final_tolerance": final_tolerance,
                                   "predicted_ms": lat_model.predict(final)})
     with open(out_dir / "search_log.jsonl", "w") as f:

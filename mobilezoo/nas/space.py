@@ -1,8 +1,9 @@
-"""The MobileDets search space as data (spec §5.2): skeleton, per-layer op choices, per-block widths.
+"""The MobileDets search space as data (the paper's IBN, fused IBN and Tucker ops): skeleton,
+per-layer op choices, per-block widths.
 
 An architecture of the space is a *choice vector*: one int per decision, in `space.decisions`
 order. The decisions are, block by block, the block's output-width multiplier, then one op per
-layer. The stem and the 7 blocks follow the skeleton of spec §2.1 (TuNAS' ProxylessNAS skeleton);
+layer. The stem and the 7 blocks follow TuNAS' ProxylessNAS skeleton with detection endpoints;
 layers 2-4 of blocks 2-6 are residual and may be skipped. `to_arch` turns a choice vector into
 the layer list that `models.mobiledet` builds (the detection architecture JSON format), and
 `from_arch` maps such a list back (round trip), naming the layer that does not fit the space.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..layers.ibn import scale_filters
-from ..models.mobiledet import ACTIVATIONS, LAYER_TYPES, endpoints, load_arch
+from ..models.mobiledet import ACTIVATIONS, validate_arch  # validate_arch: re-exported from its new home
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,12 @@ class Block:
     base: int
 
 
-# Spec §2.1 / §5.2: stem + 7 blocks; base widths from the spec's table (block 3: 40, the EdgeTPU value).
+# TuNAS' skeleton: stem + 7 blocks. The base widths are mobilezoo's (block 3: 40, the EdgeTPU value);
+# docs/models/mobiledets.md says why.
 SKELETON = (Block(2, 1, 32), Block(1, 1, 16), Block(2, 4, 24), Block(2, 4, 40), Block(2, 4, 96),
             Block(1, 4, 96), Block(2, 4, 160), Block(1, 1, 192))
 
-# Every op of the IBN+Fused+Tucker space (spec §5.2), as the layer fields it sets.
+# Every op of the IBN+Fused+Tucker space (the MobileDets paper), as the layer fields it sets.
 OPS: dict[str, dict] = {
     **{f"ibn_k{k}_e{e}": {"type": "ibn", "kernel": k, "expansion": e} for k in (3, 5) for e in (4, 8)},
     **{f"fused_k{k}_e{e}": {"type": "fused", "kernel": k, "expansion": e} for k in (3, 5) for e in (4, 8)},
@@ -282,46 +284,6 @@ def from_arch(space: SearchSpace, arch) -> list[int]:
     if i != len(arch):
         raise UserError(f"architecture has {len(arch) - i} layers beyond the skeleton of space {space.name}")
     return choices
-
-
-def _check(cond: bool, i: int, name: str, expected: str, layer: dict) -> None:
-    if not cond:
-        raise UserError(f"architecture layer {i}: field '{name}' must be {expected}, got {layer.get(name)!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def validate_arch(arch) -> list[dict]:
-    """`models.mobiledet.load_arch` plus a check of every field; errors name the layer and field."""
-    arch = load_arch(arch)
-    c_in = None
-    for i, layer in enumerate(arch):
-        if not isinstance(layer, dict):
-            raise UserError(f"architecture layer {i}: expected an object, got {layer!r}")
-        t = layer["type"]
-        _check(t in LAYER_TYPES, i, "type", f"one of {LAYER_TYPES}", layer)
-        _check(_is_int(layer["kernel"]) and layer["kernel"] in (1, 3, 5, 7), i, "kernel", "1, 3, 5 or 7", layer)
-        _check(layer["stride"] in (1, 2) and _is_int(layer["stride"]), i, "stride", "1 or 2", layer)
-        _check(_is_int(layer["out"]) and layer["out"] > 0, i, "out", "a positive int", layer)
-        _check(isinstance(layer.get("residual", False), bool), i, "residual", "true or false", layer)
-        _check(isinstance(layer.get("se", False), bool), i, "se", "true or false", layer)
-        if t in ("ibn", "fused"):
-            e = layer.get("expansion", 8)
-            _check(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 1, i, "expansion",
-                   "a number > 1", layer)
-        if t == "tucker":
-            r = layer.get("ratios", [0.25, 0.25])
-            _check(isinstance(r, (list, tuple)) and len(r) == 2
-                   and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in r), i, "ratios",
-                   "two numbers in (0, 1]", layer)
-        if layer.get("residual", False):
-            _check(t not in ("conv", "ibn_noexp") and layer["stride"] == 1 and layer["out"] == c_in, i,
-                   "residual", f"false unless stride 1, out == in ({c_in}) and an ibn/fused/tucker layer", layer)
-        c_in = layer["out"]
-    endpoints(arch)
-    return arch
 
 
 def save_arch(arch: list[dict], path: str | Path, **meta) -> Path:

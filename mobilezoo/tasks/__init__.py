@@ -17,6 +17,13 @@ TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": Detect
                                 "segment3d": Segmentation3DTask, "video": VideoTask}
 
 
+def task_of(model_name: str) -> type[Task]:
+    """The task class a registered model belongs to; a bare backbone (feature maps out) gets the
+    base Task's image defaults."""
+    from ..models import get_entry
+    return TASKS.get(get_entry(model_name).task, Task)
+
+
 def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     """(recipe, task, model) of a run directory, with its best weights loaded (EMA if any)."""
     run_dir = Path(run_dir)
@@ -37,4 +44,4 @@ def build_task(recipe: Recipe) -> Task:
     return TASKS[recipe.task](recipe)
 
 
-__all__ = ["Task", "TASKS", "build_task", "load_run"]
+__all__ = ["Task", "TASKS", "build_task", "load_run", "task_of"]

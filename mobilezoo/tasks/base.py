@@ -68,20 +68,33 @@ def readable(items: Iterable[T], load: Callable[[T], object],
         yield item, loaded
 
 
-def expand_images(paths: list[str]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under named folders."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+def expand_files(paths: list[str], extensions, kind: str) -> list[Path]:
+    """Files named directly, or found (recursively, sorted) under named folders by their extension."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in extensions)
         elif p.is_file():
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
     if not files:
-        raise DataError(f"no image files in {', '.join(map(str, paths))}")
+        raise DataError(f"no {kind} files ({', '.join(extensions)}) in {', '.join(map(str, paths))}")
     return files
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under named folders."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return expand_files(paths, IMG_EXTENSIONS, "image")
+
+
+def task_options(given: dict, defaults: dict, where: str = "data.augment") -> dict:
+    """A task's options: `given` over `defaults`; a name it does not know is a DataError naming it."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise DataError(f"{where}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(defaults)}")
+    return {**defaults, **given}
 
 
 def collate_skipping(samples: list) -> dict:
@@ -190,6 +203,7 @@ class Task:
     export_modes: tuple[str, ...] = ()  # alternative graphs a task can export (e.g. with or without NMS)
     int8_mode: str | None = None  # the graph INT8 quantization needs, if not the default one
     fully_convolutional = False  # may be exported with dynamic spatial sides
+    bf16_autocast = False  # bf16 inference under autocast rather than with bf16 weights
 
     @classmethod
     def export_graph(cls, net: nn.Module, x: torch.Tensor, mode: str | None = None) -> ExportGraph:

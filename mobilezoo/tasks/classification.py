@@ -16,7 +16,7 @@ from .. import data as embedded
 from ..engine.metrics import SumMetric
 from ..errors import BadSampleError, DataError
 from ..models import create_model
-from .base import OnBadSample, Predictions, Task, expand_images, read_image, readable  # noqa: F401 (re-exported)
+from .base import OnBadSample, Predictions, Task, expand_images, read_image, readable, task_options  # noqa: F401
 
 GALLERY = 16  # val images drawn with their predictions in the report
 
@@ -111,11 +111,7 @@ class ClassificationTask(Task):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.aug = {**DEFAULT_AUGMENT, **recipe.data.augment}
-        unknown = set(recipe.data.augment) - set(DEFAULT_AUGMENT)
-        if unknown:
-            raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
-                            f"expected some of {', '.join(DEFAULT_AUGMENT)}")
+        self.aug = task_options(recipe.data.augment, DEFAULT_AUGMENT)
 
     @property
     def root(self) -> Path:

@@ -1,7 +1,7 @@
-"""torch.compile for inference: same outputs as the eager model, weights frozen, bf16 copies, bench cells."""
+"""torch.compile for inference: same outputs as the eager model, weights frozen, bf16 copies, runtimes cells."""
 import torch
 
-from mobilezoo.deploy import bench_runtimes as br
+from mobilezoo.bench.suites import runtimes as br
 from mobilezoo.deploy.compiled import compile_for_inference
 from mobilezoo.models import create_model
 
@@ -34,8 +34,8 @@ def test_bf16_copy_of_a_detector_network_leaves_the_model_alone_and_agrees_with_
 
 
 def test_compiled_runtimes_are_cells_of_the_one_table_benchmark():
-    result = br.runtime_benchmark(["squeezetime_mini"], [], ("eager", "compile-bf16"), threads=1,
-                                  quick=True, iters=2, batch_iters=1, rounds=1)
+    result = br.benchmark(["squeezetime_mini"], [], ("eager", "compile-bf16"), threads=1,
+                          quick=True, iters=2, batch_iters=1, rounds=1)
     rows = {r["runtime"]: r for r in result["rows"]}
     assert set(rows) == {"eager", "compile-bf16"} and result["skipped"] == []
     assert rows["compile-bf16"]["macs"] == rows["eager"]["macs"] > 0

@@ -12,8 +12,7 @@ from torch import nn
 
 from mobilezoo.deploy.export import ExportError, check_onnx, export_onnx
 from mobilezoo.deploy.ort import OnnxModelError, OrtModel, array_path
-from mobilezoo.errors import ParityError
-from mobilezoo.errors import UserError
+from mobilezoo.errors import ParityError, UserError
 from mobilezoo.models import create_model
 from mobilezoo.tasks.detection.export import match_detections
 

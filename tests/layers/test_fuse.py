@@ -5,7 +5,14 @@ from torch import nn
 
 import mobilezoo  # noqa: F401
 from mobilezoo.layers.conv import Conv2dSame, ConvNormAct
-from mobilezoo.layers.fuse import FusedConvAct, GatedConv1x1, fold_bn_after, fold_bn_before, fuse_for_inference
+from mobilezoo.layers.fuse import (
+    FusedConvAct,
+    GatedConv1x1,
+    fold_bn_after,
+    fold_bn_before,
+    fuse_for_inference,
+    replace_modules,
+)
 from mobilezoo.models import create_model
 
 
@@ -138,3 +145,27 @@ def test_a_used_fused_model_can_be_copied_and_cast_to_bf16():
         ref = fused(x)
         bf16 = copy.deepcopy(fused).to(torch.bfloat16)
         assert torch.equal(bf16(x.bfloat16()).argmax(1), ref.argmax(1))
+
+
+@pytest.mark.parametrize("name, shape", [("tiny_moat_0", (2, 3, 64, 64)), ("squeezetime_mini", (1, 3, 16, 64, 64))])
+def test_folding_without_fusing_activations_keeps_plain_modules(name, shape):
+    torch.manual_seed(0)
+    model = _randomise_all_bn(create_model(name, num_classes=10))
+    folded = fuse_for_inference(model, fuse_act=False)
+    kinds = {type(m) for m in folded.modules()}
+    assert FusedConvAct not in kinds and GatedConv1x1 not in kinds
+    # only the BNs that a conv absorbs go: ResNet-style ones after a non-conv module (CTL) stay
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) < \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(type(m) is nn.GELU for m in folded.modules()) == sum(type(m) is nn.GELU for m in model.modules())
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_replace_modules_swaps_children_explicitly():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(nn.ReLU(), nn.GELU()), nn.ReLU())
+    out = replace_modules(model, lambda m: nn.SiLU() if isinstance(m, nn.ReLU) else None)
+    assert out is model
+    assert [type(m) for m in model.modules() if not list(m.children())] == [nn.Conv2d, nn.SiLU, nn.GELU, nn.SiLU]

@@ -318,3 +318,27 @@ def test_block_backprops():
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     block(x).square().mean().backward()
     assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("kind, big, small", [
+    ("ibn", dict(kernel=5, expansion=8), dict(kernel=3, expansion=4)),
+    ("fused", dict(kernel=5, expansion=8), dict(kernel=3, expansion=4)),
+    ("tucker", dict(kernel=3, ratios=(0.75, 0.75)), dict(kernel=3, ratios=(0.25, 0.25))),
+    ("ibn_noexp", dict(kernel=5), dict(kernel=3)),
+])
+def test_sliced_block_equals_the_small_block_with_the_shared_weights(kind, big, small):
+    # A block built wide runs a narrower one on its leading filters and centre taps (supernet sharing).
+    from mobilezoo.layers.conv import center_slice
+    torch.manual_seed(0)
+    wide = MobileBlock(kind, 16, 24, stride=2, se=kind != "tucker", act=nn.Hardswish, **big).eval()
+    for m in wide.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    narrow = MobileBlock(kind, 8, 16, stride=2, se=kind != "tucker", act=nn.Hardswish, **small).eval()
+    wide_state = wide.state_dict()
+    narrow.load_state_dict({k: center_slice(wide_state[k], v.shape) for k, v in narrow.state_dict().items()})
+    x = torch.randn(2, 8, 11, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(wide.sliced(x, 16, **small), narrow(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(wide.sliced(x, 16, **small), wide.sliced(x, 16, **big))  # the choice matters

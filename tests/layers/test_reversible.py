@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from mobilezoo.layers.mbconv3d import MBConv3d, SqueezeExcite3d
+from mobilezoo.layers.mbconv3d import MBConv3d
 from mobilezoo.layers.reversible import AdditiveCoupling, ReversibleSequence, frozen_running_stats, set_reversible
+from mobilezoo.layers.squeeze_excite import SqueezeExcite
 
 torch.set_num_threads(1)
 
@@ -341,7 +342,7 @@ def test_mbconv3d_structure():
     assert [type(m) for m in trace(MBConv3d(8, 1), x)][:3] == [nn.Conv3d, nn.GroupNorm, nn.SiLU]
     assert trace(MBConv3d(8, 1), x)[0].groups == 8
     # SE (EfficientNet): squeeze to max(1, int(0.25 * in_channels)) after the depthwise stage
-    se = [m for m in MBConv3d(8, 4, se_ratio=0.25).modules() if isinstance(m, SqueezeExcite3d)]
+    se = [m for m in MBConv3d(8, 4, se_ratio=0.25).modules() if isinstance(m, SqueezeExcite) and m.dims == 3]
     assert len(se) == 1 and se[0].reduce.out_channels == 2 and se[0].reduce.in_channels == 32
 
 

@@ -13,8 +13,9 @@ from torch import nn
 
 import mobilezoo.models.revunet3d  # noqa: F401  (registers revunet3d and unet3d_mbconv)
 from mobilezoo.errors import UserError
-from mobilezoo.layers.mbconv3d import MBConv3d, SqueezeExcite3d
+from mobilezoo.layers.mbconv3d import MBConv3d
 from mobilezoo.layers.reversible import AdditiveCoupling, ReversibleSequence
+from mobilezoo.layers.squeeze_excite import SqueezeExcite
 from mobilezoo.models.registry import create_model, get_entry, list_models
 from mobilezoo.models.revunet3d import REGIONS, RevUNet3d
 
@@ -86,7 +87,7 @@ def test_default_layout_is_the_spec_default():
     assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == 8 for m in norms)
     acts = {type(m) for m in model.modules() if isinstance(m, (nn.SiLU, nn.ReLU, nn.ReLU6, nn.GELU, nn.LeakyReLU))}
     assert acts == {nn.SiLU}
-    assert not any(isinstance(m, SqueezeExcite3d) for m in model.modules())
+    assert not any(isinstance(m, SqueezeExcite) for m in model.modules())
 
 
 def test_parameter_count():
@@ -170,7 +171,7 @@ def test_options_change_the_blocks():
     assert [len(s.blocks) for s in model.encoder] == [1, 2] and len(model.decoder[0].blocks) == 3
     mb = model.encoder[1].blocks[0].f
     assert mb.depthwise[0].groups == 2 * 16  # t * C/2
-    se = [m for m in mb.modules() if isinstance(m, SqueezeExcite3d)]
+    se = [m for m in mb.modules() if isinstance(m, SqueezeExcite) and m.dims == 3]
     assert len(se) == 1 and se[0].reduce.out_channels == max(1, int(0.25 * 16))
     assert isinstance(mb.depthwise[1], nn.BatchNorm3d) and isinstance(mb.depthwise[2], nn.ReLU)
     assert not any(isinstance(m, (nn.GroupNorm, nn.SiLU)) for m in mb.expand.modules())

@@ -81,13 +81,13 @@ def test_onnxruntime_latency_times_the_same_network_as_torch():
     """The ORT runner's graph computes the detector network of the architecture (its raw outputs)."""
     import torch
 
-    from mobilezoo.models.ssdlite import SSDLite
+    from mobilezoo.models.ssdlite import ssdlite_mobiledet
     from mobilezoo.nas.latency import _ort_runner, measure_latency
     from mobilezoo.nas.space import get_space, to_arch
     space = get_space("ibn_fused_tucker")
     arch = to_arch(space, sample(space, random.Random(3)))
     torch.manual_seed(0)
-    model = SSDLite(arch, num_classes=90).eval()
+    model = ssdlite_mobiledet(arch, num_classes=90).eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         boxes, logits, _ = model.head_outputs(x)

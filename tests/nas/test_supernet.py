@@ -71,11 +71,11 @@ def test_training_step_matches_standalone(tiny_space):
     loss_sup.backward()
     loss_std.backward()
     g_std = std.backbone.layers[0][0].weight.grad
-    g_sup = net.stem[0].weight.grad[: g_std.shape[0]]
+    g_sup = net.backbone.stem[0].weight.grad[: g_std.shape[0]]
     torch.testing.assert_close(g_sup, g_std, atol=1e-5, rtol=1e-4)
     # running statistics moved in the shared slice only (first C entries)
     c = std.backbone.layers[0][1].num_features
-    torch.testing.assert_close(net.stem[1].running_mean[:c], std.backbone.layers[0][1].running_mean)
+    torch.testing.assert_close(net.backbone.stem[1].running_mean[:c], std.backbone.layers[0][1].running_mean)
 
 
 def test_choices_share_leading_filters_and_centre_kernels(tiny_space):
@@ -91,3 +91,17 @@ def test_choices_share_leading_filters_and_centre_kernels(tiny_space):
     w_big = export_weights(net, big)[f"backbone.layers.{pos}.body.1.0.weight"]
     assert w_small.shape[0] * 2 == w_big.shape[0] and w_small.shape[-1] == 3 and w_big.shape[-1] == 5
     torch.testing.assert_close(w_small, w_big[: w_small.shape[0], :, 1:4, 1:4], rtol=0, atol=0)
+
+
+def test_supernet_is_an_ssdlite_over_its_backbone_and_loads_old_key_layouts(tiny_space):
+    from mobilezoo.models.ssdlite import SSDLite
+    torch.manual_seed(0)
+    net = SuperDetector(tiny_space(), num_classes=3)
+    assert isinstance(net, SSDLite) and not hasattr(net, "det")
+    state = net.state_dict()
+    # the layout saved before the supernet was composed: stem./layers. at the top, the tail under det.
+    old = {(k[len("backbone."):] if k.startswith("backbone.") else "det." + k): v + 1 for k, v in state.items()}
+    fresh = SuperDetector(tiny_space(), num_classes=3)
+    fresh.load_state_dict(old)  # strict
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, state[k] + 1, rtol=0, atol=0)

@@ -14,7 +14,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import InputSpec, OnBadSample, Predictions, Task, expand_images, read_image, readable
+from ..base import InputSpec, OnBadSample, Predictions, Task, expand_images, read_image, readable, task_options
 from . import export as detector_export
 from .coco import CocoAnnotations, CocoDetection
 from .image_ids import CocoImageIds
@@ -75,11 +75,7 @@ class DetectionTask(Task):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        unknown = set(recipe.data.augment) - set(DEFAULT_AUGMENT)
-        if unknown:
-            raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
-                            f"expected some of {', '.join(DEFAULT_AUGMENT)}")
-        self.aug = {**DEFAULT_AUGMENT, **recipe.data.augment}
+        self.aug = task_options(recipe.data.augment, DEFAULT_AUGMENT)
         for k, v in self.aug.items():
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
                 raise DataError(f"data.augment.{k} must be a probability in [0, 1], got {v!r}")

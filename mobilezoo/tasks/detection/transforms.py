@@ -1,8 +1,8 @@
 """Detection transforms (torchvision.transforms.v2 with tv_tensors.BoundingBoxes) and the collate.
 
-Train follows the TF SSD recipe (spec §3.7): horizontal flip, then the SSD random crop (kept off
-15% of the time), then a stretch-resize to S x S; eval only resizes. Both end by scaling pixels
-to [-1, 1], i.e. (2 / 255) x - 1."""
+Train follows the TF SSD recipe (the TF Object Detection API's ssdlite_mobiledet configs): horizontal
+flip, then the SSD random crop (kept off 15% of the time), then a stretch-resize to S x S; eval only
+resizes. Both end by scaling pixels to [-1, 1], i.e. (2 / 255) x - 1."""
 from __future__ import annotations
 
 import torch

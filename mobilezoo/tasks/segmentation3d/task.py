@@ -38,6 +38,7 @@ class Segmentation3DTask(Task):
     headline = "dice"
     inputs = InputSpec("volume", (4, 128, 128, 128), 1, (4, 32, 32, 32), 1, torch.channels_last_3d, spatial=3)
     fully_convolutional = True  # volumes of any size: sliding windows, or whole brains
+    bf16_autocast = True  # autocast keeps the reversible sequences' inversion in fp32
     collate = staticmethod(collate_volumes)
 
     def __init__(self, recipe):

@@ -25,6 +25,7 @@ from monai.transforms import (
 )
 
 from ...errors import DataError
+from ..base import task_options
 from .brats import labels_to_regions
 
 DEFAULT_OPTIONS = {
@@ -57,11 +58,7 @@ class LabelsToRegionsd(MapTransform):
 
 def check_options(augment: dict, img_size: int) -> dict:
     """The task options from `data.augment` merged over the defaults; DataError on a bad one."""
-    unknown = set(augment) - set(DEFAULT_OPTIONS)
-    if unknown:
-        raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
-                        f"expected some of {', '.join(DEFAULT_OPTIONS)}")
-    opts = {**DEFAULT_OPTIONS, **augment}
+    opts = task_options(augment, DEFAULT_OPTIONS)
     crop = opts["crop"] if opts["crop"] is not None else [img_size] * 3
     if isinstance(crop, int):
         crop = [crop] * 3

@@ -7,7 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import BadSampleError, DataError
+from ...errors import BadSampleError
+from ..base import expand_files
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 SEEK_MIN_FRAMES = 64  # seek only when this many frames would otherwise be decoded just to be dropped
@@ -15,17 +16,7 @@ SEEK_MIN_FRAMES = 64  # seek only when this many frames would otherwise be decod
 
 def expand_videos(paths: list[str]) -> list[Path]:
     """Video files named directly or found (recursively, sorted) under named folders."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not files:
-        raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {', '.join(map(str, paths))}")
-    return files
+    return expand_files(paths, VIDEO_EXTENSIONS, "video")
 
 
 def decode_indices(container, stream, need: list[int]) -> tuple[dict, int]:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from ... import data as embedded
 from ...errors import DataError
 from ...models import create_model
-from ..base import InputSpec, OnBadSample, Predictions, Task, readable
+from ..base import InputSpec, OnBadSample, Predictions, Task, readable, task_options
 from ..classification import ClassificationMetric, stratified_subset, topk_predictions, topk_record
 from .dataset import VideoClips, folder_samples, list_samples
 from .decode import expand_videos, read_clip
@@ -68,11 +68,7 @@ class VideoTask(Task):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        unknown = set(recipe.data.augment) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise DataError(f"data.augment: unknown option(s) {', '.join(sorted(unknown))}; "
-                            f"expected some of {', '.join(DEFAULT_OPTIONS)}")
-        o = {**DEFAULT_OPTIONS, **recipe.data.augment}
+        o = task_options(recipe.data.augment, DEFAULT_OPTIONS)
         size = recipe.data.img_size
         o["short_side"] = o["short_side"] or round(size * 8 / 7)  # 256 for 224, as the configs
         o["test_short_side"] = o["test_short_side"] or size

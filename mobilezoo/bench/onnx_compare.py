@@ -6,28 +6,14 @@ does) and times batch-1 inference on a real sample; the first file is the baseli
 headline-metric change and the speed-up."""
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from ..deploy.ort import OrtModel
 from ..engine import Context, evaluate
 from ..engine.loop import eval_loader
-from .ort import OrtModel
-
-
-def batch1_latency_ms(model, x: torch.Tensor, runs: int = 20) -> float:
-    """Median wall time of one batch-1 forward after two warm-up runs."""
-    with torch.inference_mode():
-        for _ in range(2):
-            model(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from .timing import batch1_latency_ms
 
 
 def compare_onnx(recipe, task, files: dict[str, Path], threads: int | None = None, runs: int = 20) -> dict:

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
 update_readme = importlib.util.module_from_spec(_spec)
@@ -23,7 +25,14 @@ def test_only_the_marked_section_is_rewritten_from_its_json(tmp_path):
     assert update_readme.update(new, tmp_path) == new  # idempotent
 
 
-def test_the_readme_tables_match_the_committed_results():
-    readme = (ROOT / "README.md").read_text()
-    assert update_readme.update(readme, ROOT / "benchmarks" / "results") == readme, \
+@pytest.mark.parametrize("document", ["README.md", "docs/benchmarks.md"])
+def test_the_readme_tables_match_the_committed_results(document):
+    text = (ROOT / document).read_text()
+    assert update_readme.update(text, ROOT / "benchmarks" / "results") == text, \
         "run `python benchmarks/update_readme.py` (make bench does) after changing benchmarks/results"
+
+
+def test_every_result_has_its_table_in_a_document():
+    text = "".join((ROOT / d).read_text() for d in ("README.md", "docs/benchmarks.md"))
+    missing = [name for name in update_readme.RENDER if f"<!-- bench:{name} -->" not in text]
+    assert not missing, missing

@@ -1,13 +1,14 @@
-"""End-to-end detector benchmark: rows, ratios and network MACs against published figures."""
+"""The detect suite (end to end): rows, ratios and network MACs against published figures."""
 import pytest
 
-from mobilezoo.deploy.bench_detect import detector_benchmark, format_markdown
+from mobilezoo.bench.suites.detect import benchmark, format_markdown
+from mobilezoo.errors import UserError
 
 TV = "tv:ssdlite320_mobilenet_v3_large"
 
 
 def test_detector_rows_and_ratios():
-    rows = detector_benchmark(["ssdlite_mobiledet_cpu"], [TV], threads=1, iters=2, rounds=1)
+    rows = benchmark(["ssdlite_mobiledet_cpu"], [TV], threads=1, iters=2, rounds=1)
     ours, tv = rows
     assert ours["model"] == "ssdlite_mobiledet_cpu" and tv["model"] == TV
     assert tv["latency_vs_ssdlite320_mobilenet_v3_large"] == pytest.approx(1.0)
@@ -22,5 +23,10 @@ def test_detector_rows_and_ratios():
 
 
 def test_rejects_a_classifier():
-    with pytest.raises(ValueError, match="tiny_moat_0: not a detector"):
-        detector_benchmark(["tiny_moat_0"], [], iters=1, rounds=1)
+    with pytest.raises(UserError, match="tiny_moat_0: not a detect model"):
+        benchmark(["tiny_moat_0"], [], iters=1, rounds=1)
+
+
+def test_rejects_a_peer_of_another_task():
+    with pytest.raises(UserError, match="tv:r2plus1d_18: not a detect model"):
+        benchmark(["ssdlite_mobiledet_cpu"], ["tv:r2plus1d_18"], iters=1, rounds=1)

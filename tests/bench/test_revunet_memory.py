@@ -1,25 +1,24 @@
-"""Memory benchmark of issue 5: real peaks in fresh processes, and the search on synthetic peaks."""
+"""The memory experiment (benchmarks/revunet_memory.py): real peaks in fresh processes, and the search
+on synthetic peaks."""
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from mobilezoo.deploy.bench_memory import (
-    PLAIN,
-    REVERSIBLE,
-    SEGRESNET,
-    _FlopCounter,
-    answer_line,
-    build_model,
-    depth_blocks,
-    find_largest,
-    format_markdown,
-    interpolated,
-    measure_step,
-    memory_benchmark,
-    recompute_estimate,
-)
 from mobilezoo.layers.reversible import ReversibleSequence
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("revunet_memory", ROOT / "benchmarks" / "revunet_memory.py")
+revunet_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(revunet_memory)
+PLAIN, REVERSIBLE, SEGRESNET = revunet_memory.PLAIN, revunet_memory.REVERSIBLE, revunet_memory.SEGRESNET
+_FlopCounter, answer_line = revunet_memory._FlopCounter, revunet_memory.answer_line
+build_model, depth_blocks = revunet_memory.build_model, revunet_memory.depth_blocks
+find_largest, format_markdown = revunet_memory.find_largest, revunet_memory.format_markdown
+interpolated, measure_step = revunet_memory.interpolated, revunet_memory.measure_step
+memory_benchmark, recompute_estimate = revunet_memory.memory_benchmark, revunet_memory.recompute_estimate
 
 TINY = dict(channels=(16, 32), threads=1, timeout=120)  # 2 levels: crops divisible by 2
 
@@ -33,7 +32,7 @@ def test_measured_peaks_grow_with_crop_and_stay_flat_in_couplings_when_reversibl
         peak[model, crop, m] = row["peak_mib"]
     # 24^3 holds 3.4x the voxels of 16^3; measured: plain 20 -> 61 MiB
     assert peak[PLAIN, 24, 1] > 2 * peak[PLAIN, 16, 1] > 0, peak
-    # spec §7.2 at 24^3: reversible 23 -> 26 MiB for 4x the couplings, plain 61 -> 212 MiB
+    # at 24^3, measured: reversible 23 -> 26 MiB for 4x the couplings, plain 61 -> 212 MiB
     rev_growth = peak[REVERSIBLE, 24, 4] - peak[REVERSIBLE, 24, 1]
     plain_growth = peak[PLAIN, 24, 4] - peak[PLAIN, 24, 1]
     assert plain_growth > 2 * peak[PLAIN, 24, 1], peak

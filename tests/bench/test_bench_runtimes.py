@@ -1,10 +1,11 @@
-"""The one-table benchmark: every runtime and family, fields, ratios and goal verdicts."""
+"""The runtimes suite: every runtime and family in one table, fields, ratios and goal verdicts."""
 import json
 
 import pytest
 
+from mobilezoo.bench.suites import runtimes as br
 from mobilezoo.cli import main
-from mobilezoo.deploy import bench_runtimes as br
+from mobilezoo.tasks import TASKS
 
 FIELDS = {"model", "family", "source", "runtime", "input", "batch", "params", "macs", "latency_ms",
           "latency_p90_ms", "throughput", "peak_mem_mb", "gmacs_per_s", "peak_fraction"}
@@ -14,7 +15,7 @@ UNCOMPILED = tuple(rt for rt in br.RUNTIMES if rt not in br.COMPILED)  # compili
 
 @pytest.fixture(scope="module")
 def classifier_result():
-    return br.runtime_benchmark(["tiny_moat_0"], ["timm:efficientnet_b0"], UNCOMPILED, threads=1, **FAST)
+    return br.benchmark(["tiny_moat_0"], ["timm:efficientnet_b0"], UNCOMPILED, threads=1, **FAST)
 
 
 def test_every_runtime_of_ours_and_the_peer_runtimes_have_every_field(classifier_result):
@@ -31,7 +32,7 @@ def test_every_runtime_of_ours_and_the_peer_runtimes_have_every_field(classifier
         assert r["peak_fraction"] == pytest.approx(2 * r["gmacs_per_s"] / peak, rel=2e-2)
     ours = [r for r in rows if r["source"] == "mobilezoo"]
     assert len({r["macs"] for r in ours}) == 1  # every runtime is credited with the network's MACs
-    assert ours[0]["input"] == list(br.QUICK_INPUTS["classify"][0])
+    assert ours[0]["input"] == list(TASKS["classify"].inputs.quick_shape)
     summary, = classifier_result["summary"]
     assert summary["model"] == "tiny_moat_0"
     best = min(ours, key=lambda r: r["latency_ms"])
@@ -63,27 +64,35 @@ def test_markdown_has_a_line_per_row_a_summary_line_per_model_and_names_skipped_
     assert "Not run: x with ORT INT8: quantization failed: y" in text
 
 
-def test_every_family_runs_in_pytorch_and_onnx_runtime(tmp_path):
-    out = tmp_path / "runtimes.json"
-    rc = main(["bench", "ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d", "--runtimes", "eager", "ort",
-               "--vs", "tv:ssdlite320_mobilenet_v3_large", "monai:SegResNet", "--quick", "--threads", "1",
-               "--json", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
+def test_every_family_runs_in_pytorch_and_onnx_runtime():
+    result = br.benchmark(["ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d"],
+                          ["tv:ssdlite320_mobilenet_v3_large", "monai:SegResNet"], ("eager", "ort"), threads=1, **FAST)
     got = {(r["model"], r["runtime"]): r for r in result["rows"]}
     for m in ("ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d"):
         assert {(m, "eager"), (m, "ort")} <= set(got)
         assert got[(m, "eager")]["macs"] > 0
-    assert got[("revunet3d", "ort")]["input"] == list(br.QUICK_INPUTS["segment3d"][0])
+    assert got[("revunet3d", "ort")]["input"] == list(TASKS["segment3d"].inputs.quick_shape)
     assert got[("squeezetime_mini", "ort")]["family"] == "video"
     assert {s["model"] for s in result["summary"]} == {"ssdlite_mobiledet_cpu", "squeezetime_mini", "revunet3d"}
     assert "vs_monai:SegResNet" in next(s for s in result["summary"] if s["model"] == "revunet3d")
 
 
+def test_the_cli_writes_the_result_as_json(tmp_path):
+    out = tmp_path / "runtimes.json"
+    assert main(["bench", "runtimes", "tiny_moat_0", "--runtimes", "fp32", "--quick", "--threads", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["model"], r["runtime"]) for r in result["rows"]] == [("tiny_moat_0", "fp32")]
+    assert result["meta"]["quick"] and result["summary"][0]["best_runtime"] == "fp32"
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "tiny_moat_9", "--runtimes", "fp32"], "tiny_moat_9"),
-    (["bench", "tiny_moat_0", "--runtimes", "fp32", "--vs", "tv:resnet50"], "tv:resnet50"),
-    (["bench", "tiny_moat_0", "--runtimes", "fp32", "--vs", "timm:nonexistent_net"], "nonexistent_net"),
+    (["bench", "runtimes", "tiny_moat_9", "--runtimes", "fp32"], "tiny_moat_9"),
+    (["bench", "runtimes", "tiny_moat_0", "--runtimes", "fp32", "--vs", "tv:resnet50"], "tv:resnet50"),
+    (["bench", "runtimes", "tiny_moat_0", "--runtimes", "fp32", "--vs", "timm:nonexistent_net"], "nonexistent_net"),
+    (["bench", "memory", "revunet3d"], "'memory'"),
+    (["bench", "tiny_moat_0", "--vs", "timm:efficientnet_b0"], "'tiny_moat_0'"),  # the suite comes first
+    (["bench", "detect"], "name at least one model"),
 ])
 def test_bad_model_or_peer_is_a_one_line_error(argv, message, capsys):
     assert main(argv) != 0
