@@ -13,32 +13,28 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .errors import UserError
-from .recipes import Recipe, load_recipe
+from .recipes import load_recipe
 
 
 @dataclass(frozen=True)
 class DemoTask:
-    """One demo section: the packaged recipe, demo-sized overrides and the inference input shape."""
+    """One demo section: the packaged recipe and its demo-sized overrides."""
 
     title: str
     recipe: str
     overrides: tuple[str, ...]
     quick: tuple[str, ...]  # --quick: seconds, for tests
-    input_shape: Callable[[Recipe], tuple[int, ...]]
 
 
-_IMAGE = lambda r: (1, 3, r.data.img_size, r.data.img_size)  # noqa: E731
 DEMOS: dict[str, DemoTask] = {
     # 15 epochs (half the accuracy recipe): 99.4% in ~90 s on 2 cores.
     "classify": DemoTask("Image classification: tiny-MOAT-0 on digits", "classify_digits",
                          ("train.epochs=15",),
-                         ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2"),
-                         _IMAGE),
+                         ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2")),
     # 6 epochs at 256 px fit the demo's time (the recipe needs 12 at 320, 14 min); batch 4 doubles
     # the steps, no SSD crops converges faster and two evaluations instead of six save their time:
     # mAP 0.240 / AP50 0.417 against 0.193 / 0.352 (docs/demo.md has the ladder).
@@ -46,18 +42,15 @@ DEMOS: dict[str, DemoTask] = {
                        ("train.epochs=6", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
                         "train.eval_every=3"),
                        ("train.epochs=1", "data.limit_train=32", "data.limit_val=8", "data.img_size=128",
-                        "train.bn_recalibrate=1"),
-                       _IMAGE),
+                        "train.bn_recalibrate=1")),
     # 4 epochs: mean Dice ~0.95 on the phantom in ~2 min.
     "segment3d": DemoTask("3-D segmentation: reversible MBConv U-Net on the BraTS phantom", "segment_brats_phantom",
                           ("train.epochs=4",),
-                          ("train.epochs=1", "data.limit_train=4", "data.limit_val=2"),
-                          lambda r: (1, 4, r.data.img_size, r.data.img_size, r.data.img_size)),
+                          ("train.epochs=1", "data.limit_train=4", "data.limit_val=2")),
     # The accuracy recipe (40 epochs, ~99% on 8 motion classes) takes ~4 min on 2 cores.
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
                       (),
-                      ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8"),
-                      lambda r: (1, 3, r.data.augment.get("clip_len", 16), r.data.img_size, r.data.img_size)),
+                      ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8")),
 }
 
 
@@ -80,7 +73,7 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
         rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": batch1_latency_ms(fused, x, runs)})
     onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
-    summary = export_onnx(model, task.example_inputs(1), onnx_path, task=name, detector_mode="raw")
+    summary = export_onnx(model, task.example_inputs(1), onnx_path, task, mode=task.int8_mode)
     calib = task.example_inputs(8 if runs < 10 else 64)
     quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
     compared = compare_onnx(recipe, task, {"fp32": onnx_path, "int8": int8_path}, runs=runs)
@@ -148,7 +141,7 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
         metrics = fit(recipe, build_task(recipe), overwrite=True)  # a demo run replaces the last one
         seconds = time.time() - t0
         recipe, task, model = load_run(run_dir)
-        rows, export = _deploy(name, recipe, task, model, demo.input_shape(recipe), run_dir, runs=3 if quick else 20)
+        rows, export = _deploy(name, recipe, task, model, (1, *task.input_shape()), run_dir, runs=3 if quick else 20)
         latency += rows
         int8 = export["int8"]
         results[name] = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -100,8 +100,7 @@ def _as_tensor(inputs) -> torch.Tensor:
 
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, task, opset: int | None = None,
                 dynamic_batch: bool = False, mode: str | None = None, *, dynamic_spatial: bool = False,
-                check: bool = True, atol: float = 1e-4, rtol: float = 1e-6, threads: int | None = None,
-                detector_mode: str | None = None) -> dict:
+                check: bool = True, atol: float = 1e-4, rtol: float = 1e-6, threads: int | None = None) -> dict:
     """Write `model` as ONNX to `path` (BN folded), then check parity on `example_inputs`; return a summary.
 
     `mode` picks one of the task's alternative graphs (detectors: "full" or "raw"). `example_inputs`
@@ -109,8 +108,6 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, task, opset:
     runs on all of it and raises ParityError on a mismatch. The summary holds the path, names and
     shapes, the arrays written beside the file and the parity numbers."""
     cls = task_class(task)
-    if detector_mode is not None and cls.export_modes:  # SHIM: callers not yet moved to `mode`
-        mode = detector_mode
     if dynamic_spatial and not cls.fully_convolutional:
         raise ExportError(f"dynamic_spatial is for fully convolutional models, not task {cls.name!r}")
     path, opset = Path(path), opset or DEFAULT_OPSET

@@ -355,6 +355,21 @@ def test_shifted_or_mislabelled_boxes_score_less(shapes_root):
     assert _map(anns, dets, ids, orig, 320)["map"] == 0.0
 
 
+def test_drawing_threshold_keeps_the_right_boxes_and_drops_the_noise(shapes_root):
+    """Every true box at score 0.9 plus, per image, wrong boxes (the true ones shifted by 0.4 of
+    their width: IoU 0.43) at 0.6: the best-F1 score lies above the noise and reaches the truth."""
+    anns = _anns(shapes_root, "val")
+    right, ids, orig = _gt_as_detections(anns, 320)
+    wrong, _, _ = _gt_as_detections(anns, 320, shift=0.4)
+    dets = [{"boxes": torch.cat([r["boxes"], w["boxes"]]),
+             "scores": torch.cat([torch.full((len(r["boxes"]),), 0.9), torch.full((len(w["boxes"]),), 0.6)]),
+             "labels": torch.cat([r["labels"], w["labels"]])} for r, w in zip(right, wrong)]
+    out = _map(anns, dets, ids, orig, 320)
+    assert 0.6 < out["draw_thresh"] <= 0.9
+    noisy_truth = [{**r, "scores": torch.full((len(r["boxes"]),), 0.35)} for r in right]
+    assert _map(anns, noisy_truth, ids, orig, 320)["draw_thresh"] == pytest.approx(0.35)
+
+
 def test_no_detections_and_partial_evaluation(shapes_root):
     anns = _anns(shapes_root, "val")
     m = CocoMetric(anns)

@@ -86,4 +86,20 @@ class CocoMetric(SumMetric):
                 p = precision[:, :, k, 0, -1]
                 p = p[p > -1]
                 per_class[name] = float(np.mean(p)) if p.size else -1.0
+            out["draw_thresh"] = best_f1_threshold(ev)
         return {**out, "per_class_ap": per_class, "count": len(img_ids), "detections": len(self.results)}
+
+
+def best_f1_threshold(ev: COCOeval) -> float:
+    """The score at which boxes are worth drawing: per class, the score where F1 at IoU 0.5 (all
+    areas, 100 detections) peaks along COCOeval's precision-recall curve; the median over classes.
+    A weak detector gets a high threshold (few, mostly right boxes), a good one a low one."""
+    recall = np.asarray(ev.params.recThrs)
+    best = []
+    for k in range(ev.eval["precision"].shape[2]):
+        p, scores = ev.eval["precision"][0, :, k, 0, -1], ev.eval["scores"][0, :, k, 0, -1]
+        ok = p > 0
+        if ok.any():
+            f1 = 2 * p[ok] * recall[ok] / (p[ok] + recall[ok])
+            best.append(float(scores[ok][np.argmax(f1)]))
+    return float(np.median(best)) if best else 0.5

@@ -219,14 +219,15 @@ class DetectionTask(Task):
         if self._gallery:
             names = self.recipe.data.class_names
             drawn = []
+            thresh = metrics.get("draw_thresh", 0.5)
             for image, det in self._gallery:
-                keep = det["scores"] >= 0.3
+                keep = det["scores"] >= thresh
                 drawn.append(draw(image, det["boxes"][keep], det["labels"][keep].tolist(),
                                   det["scores"][keep].tolist(), names))
             grid = make_grid(drawn, nrow=4, padding=4, pad_value=255)
             write_png(grid, str(Path(run_dir) / "detections.png"))
-            lines += ["Detections with score >= 0.3 on the first val images:", "",
-                      "![detections](detections.png)", ""]
+            lines += [f"Detections with score >= {thresh:.2f} on the first val images (the score of best F1 at "
+                      "IoU 0.5 on val, median over classes):", "", "![detections](detections.png)", ""]
         rows = [f"| {n} | {ap:.3f} |" for n, ap in metrics["per_class_ap"].items()]
         return lines + ["| class | AP@[.5:.95] |", "|---|---|", *rows]
 
