@@ -43,3 +43,21 @@ def publish(root: Path, marker: str, write: Callable[[Path], None]) -> Path:
     except OSError:  # another process renamed its copy in between
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def publish_splits(name: str, root: Path | None, counts: dict[str, int], version: int, seed: int,
+                   write_split: Callable[[Path, str, int], None],
+                   prepare: Callable[[Path], None] | None = None) -> Path:
+    """A generated set of splits (`counts`: split -> samples, written by `write_split(folder, split,
+    count)` after `prepare(folder)`), under `root` (default: the cache folder `name`); a set of
+    another size or version is rewritten (see `publish`)."""
+    root = Path(root) if root is not None else cache_dir() / name
+    marker = f"{name} v{version}, seed {seed}, " + ", ".join(f"{n} {split}" for split, n in counts.items()) + "\n"
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:
+            prepare(tmp)
+        for split, n in counts.items():
+            write_split(tmp, split, n)
+    return publish(root, marker, write)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache_dir, publish
+from . import publish_splits
 
 VERSION = 1  # bump when the generator changes: a cached set of another version is rewritten
 SIZE = 64
@@ -191,14 +191,9 @@ def ensure(root: Path | None = None, num_train: int | None = None, num_val: int 
     `num_train` / `num_val` (default NUM_TRAIN, NUM_VAL) shrink the set for tests; clip i is the
     same whatever the count. A cached set written with other counts or by another VERSION is
     rewritten."""
-    root = Path(root) if root is not None else cache_dir() / "motion"
-    num_train = NUM_TRAIN if num_train is None else num_train
-    num_val = NUM_VAL if num_val is None else num_val
-    marker = f"motion v{VERSION}, seed {SEED}, {num_train} train, {num_val} val\n"
+    counts = {"train": NUM_TRAIN if num_train is None else num_train, "val": NUM_VAL if num_val is None else num_val}
+    return publish_splits("motion", root, counts, VERSION, SEED, write_split, prepare=_write_classes)
 
-    def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
-        (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-        write_split(tmp, "train", num_train)
-        write_split(tmp, "val", num_val)
-    return publish(root, marker, write)
+
+def _write_classes(root: Path) -> None:
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")

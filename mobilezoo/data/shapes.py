@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import cache_dir, publish
+from . import publish_splits
 
 VERSION = 1  # bump when the generator changes: a cached set of another version is rewritten
 SIZE = 320
@@ -221,12 +221,5 @@ def ensure(root: Path | None = None, num_train: int | None = None, num_val: int 
     `num_train` / `num_val` (default NUM_TRAIN, NUM_VAL) shrink the set for tests; image i is the
     same whatever the count. A cached set written with other counts or by another VERSION is
     rewritten."""
-    root = Path(root) if root is not None else cache_dir() / "shapes"
-    num_train = NUM_TRAIN if num_train is None else num_train
-    num_val = NUM_VAL if num_val is None else num_val
-    marker = f"shapes v{VERSION}, seed {SEED}, {num_train} train, {num_val} val\n"
-
-    def write(tmp: Path) -> None:
-        write_split(tmp, "train", num_train)
-        write_split(tmp, "val", num_val)
-    return publish(root, marker, write)
+    counts = {"train": NUM_TRAIN if num_train is None else num_train, "val": NUM_VAL if num_val is None else num_val}
+    return publish_splits("shapes", root, counts, VERSION, SEED, write_split)

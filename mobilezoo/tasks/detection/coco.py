@@ -108,17 +108,26 @@ class CocoAnnotations:
             raise DataError(f"{self.file}: no categories")
         return out
 
+    def _entry(self, obj, where: str, kind: str, id_types: tuple, keys: tuple[str, ...]) -> str | None:
+        """'<kind> id N' for an object with an id of `id_types` and every one of `keys`; else the
+        problem is recorded and None returned."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), id_types):
+            self._problem(where, "missing integer 'id'" if id_types == (int,) else "missing 'id' (an integer)")
+            return None
+        what = f"{kind} id {obj['id']}"
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            self._problem(what, f"missing key(s) {', '.join(missing)}")
+            return None
+        return what
+
     def _images(self, images: list) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for i, im in enumerate(images):
-            if not isinstance(im, dict) or not isinstance(im.get("id"), int):
-                self._problem(f"images[{i}]", "missing integer 'id'")
+            what = self._entry(im, f"images[{i}]", "image", (int,), ("file_name", "width", "height"))
+            if what is None:
                 continue
-            what = f"image id {im['id']}"
-            missing = [k for k in ("file_name", "width", "height") if k not in im]
-            if missing:
-                self._problem(what, f"missing key(s) {', '.join(missing)}")
-            elif not (_positive_int(im["width"]) and _positive_int(im["height"])):
+            if not (_positive_int(im["width"]) and _positive_int(im["height"])):
                 self._problem(what, f"width/height must be positive integers, got "
                                     f"{im['width']!r} x {im['height']!r}")
             elif im["id"] in out:
@@ -131,13 +140,8 @@ class CocoAnnotations:
     def _annotations(self, anns: list, images: dict[int, dict], cats: dict[int, str]) -> list[dict]:
         out, seen = [], set()
         for i, a in enumerate(anns):
-            if not isinstance(a, dict) or not isinstance(a.get("id"), (int, str)):
-                self._problem(f"annotations[{i}]", "missing 'id' (an integer)")
-                continue
-            what = f"annotation id {a['id']}"
-            missing = [k for k in ("image_id", "category_id", "bbox") if k not in a]
-            if missing:
-                self._problem(what, f"missing key(s) {', '.join(missing)}")
+            what = self._entry(a, f"annotations[{i}]", "annotation", (int, str), ("image_id", "category_id", "bbox"))
+            if what is None:
                 continue
             if a["id"] in seen:
                 self._problem(what, "duplicate id")
