@@ -243,3 +243,18 @@ def test_a_saved_recipe_reads_back_its_small_numbers(tmp_path):
 def test_a_value_of_the_wrong_type_names_its_field(override, field):
     with pytest.raises(RecipeError, match=rf"^{field} must be .*got"):
         load_recipe("classify_digits", [override])
+
+
+def test_task_options_are_typed_after_their_defaults():
+    from mobilezoo.tasks import build_task
+    task = build_task(load_recipe("detect_shapes", ["data.augment.ssd_crop=1e-1", "data.augment.hflip=1"]))
+    assert task.aug == {"hflip": 1.0, "ssd_crop": 0.1} and isinstance(task.aug["hflip"], float)
+    video = build_task(load_recipe("video_motion", ["data.augment.clip_len=8.0", "data.augment.scales=[1, 5e-1]"]))
+    assert video.opts["clip_len"] == 8 and type(video.opts["clip_len"]) is int and video.opts["scales"] == [1.0, 0.5]
+    for override, field in (("data.augment.hflip=yes", "data.augment.hflip"),
+                            ("data.augment.scales=0.5", "data.augment.scales"),
+                            ("data.augment.crop_pct=[1]", "data.augment.crop_pct")):
+        recipe = "classify_digits" if "crop_pct" in override else "detect_shapes" if "hflip" in override \
+            else "video_motion"
+        with pytest.raises(RecipeError, match=rf"^{field}"):
+            build_task(load_recipe(recipe, [override]))

@@ -150,7 +150,7 @@ def _int_text(text: str) -> int | float:
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _coerce(value, annotation: str, name: str, where: str):
+def _coerce(value, annotation: str, name: str, where: str | None = None):
     """A scalar field's value as its declared type (optionally None): numbers from any spelling,
     a number given for a text field as its text. A value of the wrong type is a RecipeError
     naming the field."""
@@ -167,9 +167,28 @@ def _coerce(value, annotation: str, name: str, where: str):
         converted = _number(value, kind)
     if not isinstance(converted, kind) or (kind is not bool and isinstance(converted, bool)):
         expected = {int: "an integer", float: "a number", str: "text", bool: "true or false"}[kind]
-        raise RecipeError(f"{name} must be {expected}{' or null' if 'None' in kinds else ''}, got {value!r} "
-                          f"(in {where})")
+        raise RecipeError(f"{name} must be {expected}{' or null' if 'None' in kinds else ''}, got {value!r}"
+                          + (f" (in {where})" if where else ""))
     return converted
+
+
+def coerce_like(value, default, name: str):
+    """`value` typed after `default` (a task's default option): numbers from any spelling, a list
+    of numbers element by element (or null), bools and text as they are; a value of another type
+    is a RecipeError naming `name`. A default of None takes any value."""
+    if default is None or value is None and isinstance(default, (list, tuple, dict)):  # a list or map: off
+        return value
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{name} must be a list like {list(default)!r}, got {value!r}")
+        if default and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default):
+            return [_coerce(v, "float", f"{name}[{i}]") for i, v in enumerate(value)]
+        return list(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{name} must be a mapping, got {value!r}")
+        return value
+    return _coerce(value, type(default).__name__, name)
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -257,5 +276,5 @@ def _validate(r: Recipe) -> None:
     r.optim.betas = tuple(r.optim.betas)
 
 
-__all__ = ["Recipe", "ModelCfg", "DataCfg", "OptimCfg", "TrainCfg", "load_recipe", "list_recipes",
+__all__ = ["Recipe", "ModelCfg", "DataCfg", "OptimCfg", "TrainCfg", "load_recipe", "list_recipes", "coerce_like",
            "recipe_path", "dataclasses"]

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..engine.metrics import SumMetric
 from ..errors import BadSampleError, DataError, ParityError
-from ..recipes import Recipe
+from ..recipes import Recipe, coerce_like
 
 T = TypeVar("T")
 OnBadSample = Callable[[BadSampleError], None] | None
@@ -90,11 +90,12 @@ def expand_images(paths: list[str]) -> list[Path]:
 
 
 def task_options(given: dict, defaults: dict, where: str = "data.augment") -> dict:
-    """A task's options: `given` over `defaults`; a name it does not know is a DataError naming it."""
+    """A task's options: `given` over `defaults`, each typed after its default (numbers in any
+    spelling); a name it does not know or a value of another type is an error naming it."""
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise DataError(f"{where}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(defaults)}")
-    return {**defaults, **given}
+    return {**defaults, **{k: coerce_like(v, defaults[k], f"{where}.{k}") for k, v in given.items()}}
 
 
 def collate_skipping(samples: list) -> dict:
