@@ -38,6 +38,7 @@ def test_demo_unknown_task_is_a_one_line_error(tmp_path, capsys):
     assert "segment3d" in capsys.readouterr().err  # the valid names are listed
 
 
+@pytest.mark.slow  # ~90 s: three tasks trained, exported, quantized and timed
 def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
     """Every task's quick settings fit its data (the video task's batch once exceeded its subset)."""
     monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
