@@ -25,3 +25,13 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
 def make_image_folder():
     """The `write_image_folder(root, classes=..., per_class=..., ...)` helper."""
     return write_image_folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module (timings and tiny models on a busy 2-core box), restored after."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -1,11 +1,7 @@
-"""Shared fixtures of the bench tests."""
+"""Every bench test module runs on one torch thread (the shared `one_thread` fixture)."""
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
