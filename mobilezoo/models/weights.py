@@ -48,6 +48,33 @@ def safe_torch_load(path: Path, what: str):
                               f"(pickles carrying code are never loaded): {reason}") from None
 
 
+# Keys of a converted file's safetensors metadata (all values are strings; lists and dicts as JSON).
+META_MODEL = "mobilezoo.model"  # registered model name, e.g. "tiny_moat_0"
+META_MODEL_ARGS = "mobilezoo.model_args"  # JSON dict of constructor overrides, e.g. {"rel_pos": false}
+META_SOURCE = "mobilezoo.source"  # the official file it was converted from
+META_WEIGHTS = "mobilezoo.weights"  # "raw" or "ema"
+META_MEAN = "mobilezoo.mean"  # JSON list, per channel, for pixels scaled to [0, 1]
+META_STD = "mobilezoo.std"
+META_INPUT_SIZE = "mobilezoo.input_size"  # side in pixels the weights were trained / evaluated at
+META_NUM_CLASSES = "mobilezoo.num_classes"
+META_BN_STATS = "mobilezoo.bn_statistics"  # "present" or "missing" (then recalibrate before use)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other files or none)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 KeyRename = Callable[[str], "str | None"]  # checkpoint key -> model key, or None to drop it
 
 
