@@ -239,14 +239,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .models import create_model, save_weights
-    from .models.squeezetime import load_official
+    from .convert import convert_checkpoint, save_converted
     if not args.out.endswith(".safetensors"):
         raise UserError(f"--out {args.out!r}: expected a .safetensors path")
-    model = create_model(args.model, num_classes=args.num_classes)
-    load_official(model, args.checkpoint)
-    save_weights(model, args.out)
-    print(f"{args.checkpoint} -> {args.out} ({args.model}, {sum(p.numel() for p in model.parameters()):,} params)")
+    c = convert_checkpoint(args.checkpoint, args.model, ema=args.ema, normalization=args.normalization,
+                           input_size=args.input_size)
+    out = save_converted(c, args.out)
+    params = sum(v.numel() for k, v in c.state.items() if not k.endswith(("running_mean", "running_var",
+                                                                           "num_batches_tracked")))
+    read = f" ({c.summary})" if c.summary else ""
+    print(f"{c.source}{read} -> {out}: {c.model_name}, {c.num_classes} classes, {params:,} parameters, "
+          f"{c.weights} weights; expects {c.input_size} px inputs with {c.normalization} normalisation")
+    for note in c.notes:
+        print(f"note: {note}")
+    print(f"use: create_model({c.model_name!r}, checkpoint={str(out)!r}) or "
+          f"`mobilezoo train RECIPE --set model.checkpoint={out}`")
     return 0
 
 
@@ -386,11 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the comparison")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("convert", help="official SqueezeTime checkpoint (.pth, mmaction2 keys) -> safetensors")
-    s.add_argument("checkpoint", help="official .pth (a dict with state_dict: backbone.* + cls_head.fc_cls.*)")
-    s.add_argument("--model", default="squeezetime")
-    s.add_argument("--num-classes", type=int, default=400, help="classes of the checkpoint's head (K400: 400)")
-    s.add_argument("--out", required=True, help="output .safetensors file")
+    s = sub.add_parser("convert", help="an official checkpoint (deeplab2 MOAT, TF OD API MobileDet, SqueezeTime) "
+                       "-> safetensors")
+    s.add_argument("checkpoint", help="TF checkpoint prefix (DIR/model.ckpt), its .index, or a folder holding one; "
+                   "or a SqueezeTime .pth")
+    s.add_argument("--out", required=True, help="output .safetensors file (the metadata records the model, "
+                   "normalisation and resolution)")
+    s.add_argument("--model", help="the model the file holds (default: read off the file)")
+    s.add_argument("--ema", action="store_true", help="take the ExponentialMovingAverage copies (TF files)")
+    s.add_argument("--normalization", choices=["imagenet", "inception"],
+                   help="input normalisation the weights expect (default: as released: ImageNet-22k MOATs and "
+                   "MobileDets inception, i.e. mean/std 0.5; others imagenet)")
+    s.add_argument("--input-size", type=int,
+                   help="resolution the weights expect (default: from the name, or as released)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("search", help="MobileDets architecture search (latency-aware) and its latency model")

@@ -385,7 +385,7 @@ def test_convert_official_checkpoint_to_safetensors(capsys, tmp_path):
     src = create_model("squeezetime_mini", num_classes=5)
     torch.save({"meta": {"epoch": 3}, "state_dict": _official_layout(src)}, tmp_path / "official.pth")
     rc, out, err = cli(capsys, "convert", tmp_path / "official.pth", "--model", "squeezetime_mini",
-                       "--num-classes", 5, "--out", tmp_path / "sqt.safetensors")
+                       "--out", tmp_path / "sqt.safetensors")  # the 5 classes are read off the file
     assert rc == 0, err
     converted = load_file(str(tmp_path / "sqt.safetensors"))
     assert converted.keys() == src.state_dict().keys()
@@ -399,7 +399,7 @@ def test_convert_names_every_missing_and_unexpected_key(capsys, tmp_path):
     state["backbone.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "official.pth")
     rc, _, err = cli(capsys, "convert", tmp_path / "official.pth", "--model", "squeezetime_mini",
-                     "--num-classes", 5, "--out", tmp_path / "sqt.safetensors")
+                     "--out", tmp_path / "sqt.safetensors")
     line = error_line(err, "convert")
     assert rc == 2 and not (tmp_path / "sqt.safetensors").exists()
     for key in ("conv1.weight", "head.bias", "backbone.extra.weight"):

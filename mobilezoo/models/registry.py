@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
 from ..errors import UserError
-from .weights import KeyRename, load_weights
+from . import weights as meta
+from .weights import KeyRename, load_weights, read_metadata
 
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -70,10 +72,24 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model by name, e.g. `create_model("tiny_moat_0", num_classes=10)`."""
+    """Build a registered model by name, e.g. `create_model("tiny_moat_0", num_classes=10)`.
+
+    With `checkpoint=FILE`, the weights are loaded strictly; a converted official file also gives
+    the model's build arguments (class count, options such as `rel_pos`; `kwargs` win) and, as
+    timm's `pretrained_cfg`, the input normalisation and resolution its weights expect."""
     checkpoint = kwargs.pop("checkpoint", None)
     entry = get_entry(name)
+    info = read_metadata(checkpoint) if checkpoint is not None else {}
+    if meta.META_NUM_CLASSES in info:
+        kwargs.setdefault("num_classes", int(info[meta.META_NUM_CLASSES]))
+    kwargs = {**json.loads(info.get(meta.META_MODEL_ARGS, "{}")), **kwargs}
     model = entry.factory(**kwargs)
     if checkpoint is not None:
         load_weights(model, checkpoint, rename=entry.checkpoint_filter)
+    if meta.META_MEAN in info:
+        size = int(info.get(meta.META_INPUT_SIZE, entry.input_size[-1]))
+        model.pretrained_cfg = {"mean": tuple(json.loads(info[meta.META_MEAN])),
+                                "std": tuple(json.loads(info[meta.META_STD])),
+                                "input_size": (*entry.input_size[:-2], size, size),
+                                "num_classes": kwargs.get("num_classes"), "source": info.get(meta.META_SOURCE)}
     return model
