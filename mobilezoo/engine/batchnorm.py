@@ -1,6 +1,7 @@
 """BatchNorm in the loop: statistics recomputed before evaluation, and one-sample batches."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 
 import torch
@@ -13,14 +14,17 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task, ctx) -> None:
-    """Recompute BatchNorm running statistics as a plain average over `num_batches` batches.
+def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task, ctx,
+                   keep: Collection[str] = ()) -> None:
+    """Recompute BatchNorm running statistics as a plain average over `num_batches` batches; the
+    BatchNorms named in `keep` (a frozen backbone's) run in eval mode and keep theirs.
 
     Short from-scratch runs with the official momentum (0.01) leave running statistics far from
     the data (variances off by up to 1400x were measured on digits); this restores them. Under DDP
     the synced BatchNorm already averages over ranks, so every rank must see the same number of
     batches."""
-    bns = _batchnorms(model)
+    kept = [m for n, m in model.named_modules() if n in keep]
+    bns = [bn for bn in _batchnorms(model) if bn not in kept]
     if not bns or num_batches <= 0 or len(loader) == 0:
         return
     momenta = [bn.momentum for bn in bns]
@@ -29,6 +33,8 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, num_batches: int, task,
         bn.momentum = None  # cumulative moving average
     was_training = model.training
     model.train()
+    for bn in kept:
+        bn.eval()
     with torch.random.fork_rng(devices=[]):  # drop path would consume the training RNG
         for i, batch in enumerate(loader):
             if i >= num_batches:

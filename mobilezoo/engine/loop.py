@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ..errors import TrainingDiverged, UserError
-from ..models.weights import load_weights
+from ..models.weights import load_pretrained
 from ..recipes import Recipe
 from .batchnorm import one_sample_batchnorm, recalibrate_bn
 from .checkpoint import (
@@ -36,6 +36,7 @@ from .distributed import (
     init_distributed,
     is_distributed,
 )
+from .finetune import FrozenBackbone, apply_checkpoint_metadata
 from .optim import build_optimizer, build_scheduler
 
 
@@ -225,13 +226,21 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     torch.manual_seed(recipe.train.seed)
     random.seed(recipe.train.seed)
 
+    bn_missing = False
+    if recipe.model.checkpoint and not resume:  # a resumed run's config.yaml already holds it
+        notes, bn_missing = apply_checkpoint_metadata(recipe)
+        for note in notes:
+            _log(ctx, note)
     train_set, val_set = task.datasets()
     model = task.build_model()
     if recipe.model.checkpoint and not resume:
-        load_weights(model, recipe.model.checkpoint)
+        reset = load_pretrained(model, recipe.model.checkpoint)
+        if reset is not None:
+            _log(ctx, str(reset))
     model = ctx.prepare(model)
     if world > 1:
         model = convert_sync_batchnorm(model, device)
+    freezer = FrozenBackbone(model, recipe.optim.freeze_backbone_epochs)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.train.ema_decay),
                          use_buffers=True) if recipe.train.ema_decay > 0 else None)
     ids = [device.index] if device.type == "cuda" else None
@@ -248,7 +257,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
                         f"{recipe.data.batch_size}; lower data.batch_size")
     total = steps_per_epoch * recipe.train.epochs
     optimizer = build_optimizer(model, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.betas,
-                                recipe.optim.name)
+                                recipe.optim.name, recipe.optim.layer_decay)
     scheduler = build_scheduler(optimizer, total, round(recipe.optim.warmup_epochs * steps_per_epoch),
                                 recipe.optim.min_lr_ratio)
 
@@ -267,6 +276,9 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     calib_loader = None
     if recipe.train.bn_recalibrate > 0:
         calib_loader = calibration_loader(task, recipe, ctx)
+    if bn_missing and recipe.optim.freeze_backbone_epochs > 0:
+        # A frozen backbone normalises with its running statistics, so they must exist before the head trains.
+        recalibrate_bn(model, calib_loader, recipe.train.bn_recalibrate, task, ctx)
     eval_model = ema.module if ema is not None else model
     metrics: dict = history[-1] if history else {}
     t_start = time.time()
@@ -276,7 +288,10 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         sampler.set_epoch(epoch)
         seeded.epoch = epoch
         torch.manual_seed(recipe.train.seed * 7919 + epoch * 104729 + ctx.dist.rank)
+        if freezer.set_epoch(epoch) and world > 1:
+            train_model = DistributedDataParallel(model, device_ids=ids)
         train_model.train()
+        freezer.eval_batchnorms()
         t0, seen, loss_sum, skipped = time.time(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
                    disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
@@ -310,13 +325,14 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
             bar.set_postfix(loss=f"{loss.item():.4f}", ips=f"{seen / (time.time() - t0):.1f}")
         stats = torch.tensor([loss_sum, float(seen), float(skipped)], dtype=torch.float64)
         all_reduce_sum(stats)
-        record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch + 1, "step": step, "lr": max(scheduler.get_last_lr()),  # the head's
                   "train_loss": stats[0].item() / max(stats[1].item(), 1),
                   "train_skipped": int(stats[2].item()),
                   "samples_per_s": stats[1].item() / (time.time() - t0)}
         if (epoch + 1) % recipe.train.eval_every == 0 or epoch + 1 == recipe.train.epochs:
             if calib_loader is not None:
-                recalibrate_bn(eval_model, calib_loader, recipe.train.bn_recalibrate, task, ctx)
+                recalibrate_bn(eval_model, calib_loader, recipe.train.bn_recalibrate, task, ctx,
+                               keep=freezer.kept_batchnorms())
             metrics = evaluate(eval_model, val_loader, task, ctx)
             record.update({f"val_{k}": v for k, v in metrics.items() if not isinstance(v, list)})
         history.append(record)

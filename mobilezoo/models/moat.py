@@ -119,6 +119,11 @@ class MOAT(StagedNet):
         x = self.norm(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups (layer-wise lr decay): stem, each block (or stage), final norm, then the head."""
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
+                                          (r"^norm", (99999,))])
+
 
 def _init_weights(m: nn.Module) -> None:
     # Every conv/dense kernel and the rel-pos tables ~ N(0, 0.02), biases 0 (deeplab2 defaults).

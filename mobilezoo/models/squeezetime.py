@@ -95,6 +95,10 @@ class SqueezeTime(StagedNet):
         x = self.drop(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups (as its ResNet's): stem, each block (or stage), then the head."""
+        return dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
 
 def _init_weights(m: nn.Module) -> None:
     # Official init: convs kaiming-normal (fan_out, relu) with default biases, BN 1/0, the I2DHead FC

@@ -161,6 +161,22 @@ class SSDLite(nn.Module):
                     topk_candidates=self.topk_candidates, focal_alpha=self.focal_alpha,
                     focal_gamma=self.focal_gamma, match_iou=self.match_iou)
 
+    def head_keys(self) -> list[str]:
+        """State-dict keys of the final 1x1 conv of each class head, whose size follows the classes
+        (the box heads do not): left freshly initialised by `load_pretrained` for another class
+        count, trained alone while the backbone is frozen."""
+        keys = []
+        for i, h in enumerate(self.cls_heads):
+            name, conv = [(n, m) for n, m in h.named_modules() if isinstance(m, nn.Conv2d)][-1]
+            keys += [f"cls_heads.{i}.{name}.{k}" for k in conv.state_dict()]
+        return keys
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups (layer-wise lr decay): the backbone's layers (the stem is layer 0),
+        the extra layers, then the box and class heads together on top."""
+        return dict(stem=r"^backbone\.stem", blocks=r"^backbone\." if coarse else r"^backbone\.layers\.(\d+)",
+                    extras=r"^extras\." if coarse else r"^extras\.(\d+)")
+
     def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One extra layer or head on a map (a supernet runs the slice of it that fits the map)."""
         return layer(x)

@@ -76,3 +76,8 @@ class StagedNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         """The final Linear layer (timm convention)."""
         return self.head
+
+    def head_keys(self) -> list[str]:
+        """State-dict keys of the classifier (timm's `pretrained_cfg['classifier']`): left freshly
+        initialised by `load_pretrained` for another class count, trained alone while the backbone is frozen."""
+        return [] if self.features_only else [f"head.{k}" for k in self.head.state_dict()]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -101,8 +102,54 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     `rename` maps a foreign checkpoint's keys onto the model's (as timm's `checkpoint_filter_fn`
     does); every mismatch is reported under the key the file holds."""
     state, origin = rename_keys(read_state_dict(path), rename, path)
+    _load_state(model, state, origin, path, strict)
+    return model
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's task head (its `head_keys()`; none if it names no head)."""
+    return list(model.head_keys()) if hasattr(model, "head_keys") else []
+
+
+@dataclass(frozen=True)
+class HeadReset:
+    """What `load_pretrained` left at its fresh initialisation: a head sized for other classes."""
+
+    path: str
+    keys: tuple[str, ...]
+    num_classes: int
+    file_classes: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: head re-initialised for {self.num_classes} classes "
+                f"(file has {self.file_classes}): {', '.join(self.keys)}")
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, rename: KeyRename | None = None) -> HeadReset | None:
+    """Load pretrained weights strictly, except a head whose class count differs (any of its
+    `head_keys` mis-shaped), which keeps its fresh initialisation, as timm does for a new
+    `num_classes`; returns that (None when the head loaded too)."""
+    state, origin = rename_keys(read_state_dict(path), rename, path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    head = tuple(k for k in head_keys(model) if k in own)
+    resized = [k for k in head if k in state and state[k].shape != own[k].shape]
+    if not resized:
+        _load_state(model, state, origin, path, strict=True)
+        return None
+    # Classes are counted in logits (an SSD class head has one output row per anchor and logit).
+    logits = getattr(model, "num_logits", getattr(model, "num_classes", own[resized[0]].shape[0]))
+    rows_per_class = max(1, own[resized[0]].shape[0] // max(1, logits))
+    reset = HeadReset(str(path), head, logits, state[resized[0]].shape[0] // rows_per_class)
+    _load_state(model, {k: v for k, v in state.items() if k not in head}, origin, path, strict=True,
+                fresh=set(head))
+    return reset
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str],
+                path: str | os.PathLike, strict: bool, fresh: set[str] = frozenset()) -> None:
+    """`state` into `model`, every mismatch named in one CheckpointError; keys in `fresh` may be absent."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in fresh]
     unexpected = [origin[k] for k in state if k not in own]
     shapes = [f"{origin[k]} {tuple(state[k].shape)} != {tuple(v.shape)}"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -115,8 +162,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         problems.append(f"unexpected {len(unexpected)} keys: " + ", ".join(unexpected))
     if problems:
         raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
-    return model
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict and not fresh)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:

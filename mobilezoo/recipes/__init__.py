@@ -36,6 +36,7 @@ class ModelCfg:
     name: str = "tiny_moat_0"
     args: dict = field(default_factory=dict)
     checkpoint: str | None = None  # weights to start from (safetensors or weights-only .pt)
+    source: str | None = None  # the official file `checkpoint` was converted from (filled in from its metadata)
 
 
 @dataclass
@@ -52,6 +53,10 @@ class DataCfg:
     limit_val: int | None = None
     augment: dict = field(default_factory=dict)  # task-specific augmentation options
     class_names: list | None = None  # filled in from the data at training time
+    # Input normalisation per channel, for pixels in [0, 1] (None: the task's default); filled in at
+    # training time from model.checkpoint's metadata when the recipe leaves it open.
+    mean: list | None = None
+    std: list | None = None
 
 
 @dataclass
@@ -66,6 +71,8 @@ class OptimCfg:
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
+    layer_decay: float | None = None  # timm's layer-wise lr decay: the head at lr, each layer below x this
+    freeze_backbone_epochs: int = 0  # train only the model's head for this many epochs (fine-tuning)
 
 
 @dataclass
@@ -269,11 +276,25 @@ def _validate(r: Recipe) -> None:
          "a positive number"),
         ("train.ema_decay", r.train.ema_decay,
          isinstance(r.train.ema_decay, (int, float)) and 0.0 <= r.train.ema_decay < 1.0, "in [0, 1)"),
+        ("optim.layer_decay", r.optim.layer_decay, r.optim.layer_decay is None or 0 < r.optim.layer_decay <= 1,
+         "in (0, 1] or null"),
+        ("optim.freeze_backbone_epochs", r.optim.freeze_backbone_epochs, r.optim.freeze_backbone_epochs >= 0,
+         "a non-negative integer"),
     ]
     for name, value, ok, expected in checks:
         if not ok:
             raise RecipeError(f"{name} must be {expected}, got {value!r}")
     r.optim.betas = tuple(r.optim.betas)
+    for name in ("mean", "std"):
+        value = getattr(r.data, name)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or not value:
+            raise RecipeError(f"data.{name} must be a list of numbers, one per channel, or null; got {value!r}")
+        value = [_coerce(v, "float", f"data.{name}[{i}]") for i, v in enumerate(value)]
+        if name == "std" and not all(v > 0 for v in value):
+            raise RecipeError(f"data.std must be positive, got {value!r}")
+        setattr(r.data, name, value)
 
 
 __all__ = ["Recipe", "ModelCfg", "DataCfg", "OptimCfg", "TrainCfg", "load_recipe", "list_recipes", "coerce_like",

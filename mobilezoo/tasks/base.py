@@ -173,9 +173,20 @@ class Task:
     input_key = "image"  # the batch field the model reads (export, calibration, latency)
     headline = ""  # the metric key that summarizes a run (e.g. to compare fp32 and INT8)
     inputs = InputSpec("image", (3, 224, 224), 32, (3, 96, 96), 4)
+    # Per-channel input (mean, std) for pixels in [0, 1]; `data.mean` / `data.std` (filled in from
+    # pretrained weights' metadata) override it.
+    default_normalisation: tuple[tuple[float, ...], tuple[float, ...]] = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+
+    def normalisation(self) -> tuple[list, list]:
+        """(mean, std) of the inputs: the recipe's (e.g. from pretrained weights' metadata), else the task's."""
+        d, (mean, std) = self.recipe.data, self.default_normalisation
+        mean, std = list(d.mean or mean), list(d.std or std)
+        if len(mean) != 3 or len(std) != 3:
+            raise DataError(f"data.mean / data.std: expected 3 values each (RGB), got {mean} / {std}")
+        return mean, std
 
     @staticmethod
     def network(model: nn.Module):

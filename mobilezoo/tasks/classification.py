@@ -25,7 +25,7 @@ DEFAULT_AUGMENT = {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": True,
                    "affine_degrees": 0.0, "affine_translate": 0.0, "crop_pct": 0.875}
 
 
-def train_transform(size: int, aug: dict) -> v2.Compose:
+def train_transform(size: int, aug: dict, mean=MEAN, std=STD) -> v2.Compose:
     """Random resized crop, optional flip and affine jitter, then float + normalise."""
     ops = [v2.RandomResizedCrop(size, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
                                 antialias=True)]
@@ -34,13 +34,13 @@ def train_transform(size: int, aug: dict) -> v2.Compose:
     if aug["affine_degrees"] or aug["affine_translate"]:
         t = aug["affine_translate"]
         ops.append(v2.RandomAffine(aug["affine_degrees"], translate=(t, t) if t else None))
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def eval_transform(size: int, crop_pct: float) -> v2.Compose:
+def eval_transform(size: int, crop_pct: float, mean=MEAN, std=STD) -> v2.Compose:
     """Resize the short side to size / crop_pct, center-crop, float + normalise."""
     return v2.Compose([v2.Resize(round(size / crop_pct), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class ImageFolder(Dataset):
@@ -129,11 +129,11 @@ class ClassificationTask(Task):
 
     def eval_transform(self):
         """The deterministic transform used for val, calibration and predict."""
-        return eval_transform(self.recipe.data.img_size, self.aug["crop_pct"])
+        return eval_transform(self.recipe.data.img_size, self.aug["crop_pct"], *self.normalisation())
 
     def datasets(self):
         d = self.recipe.data
-        train = self._split("train", train_transform(d.img_size, self.aug), d.limit_train)
+        train = self._split("train", train_transform(d.img_size, self.aug, *self.normalisation()), d.limit_train)
         val = self._split("val", self.eval_transform(), d.limit_val)
         return train, val
 

@@ -19,7 +19,7 @@ from . import export as detector_export
 from .coco import CocoAnnotations, CocoDetection
 from .image_ids import CocoImageIds
 from .metric import CocoMetric, to_original
-from .transforms import DEFAULT_AUGMENT, collate_detection, eval_transform, train_transform
+from .transforms import DEFAULT_AUGMENT, SIGNED_UNIT, collate_detection, eval_transform, train_transform
 
 log = logging.getLogger("mobilezoo")
 GALLERY = 8  # val images drawn into the report
@@ -71,6 +71,7 @@ class DetectionTask(Task):
     name = "detect"
     headline = "map"
     inputs = InputSpec("image", (3, 320, 320), 16, (3, 128, 128), 2)
+    default_normalisation = SIGNED_UNIT
     collate = staticmethod(collate_detection)
 
     def __init__(self, recipe):
@@ -114,15 +115,17 @@ class DetectionTask(Task):
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         d = self.recipe.data
-        return (self._split("train", train_transform(d.img_size, self.aug), d.limit_train),
+        return (self._split("train", train_transform(d.img_size, self.aug, *self.normalisation()), d.limit_train),
                 self.val_dataset())
 
     def val_dataset(self) -> Dataset:
         """The val split with eval transforms."""
-        return self._split("val", eval_transform(self.recipe.data.img_size), self.recipe.data.limit_val)
+        return self._split("val", eval_transform(self.recipe.data.img_size, *self.normalisation()),
+                           self.recipe.data.limit_val)
 
     def calibration_dataset(self) -> Dataset:
-        return self._split("train", eval_transform(self.recipe.data.img_size), self.recipe.data.limit_train)
+        return self._split("train", eval_transform(self.recipe.data.img_size, *self.normalisation()),
+                           self.recipe.data.limit_train)
 
     @property
     def num_classes(self) -> int:
@@ -254,7 +257,7 @@ class DetectionTask(Task):
             names = self.recipe.data.class_names
         results = CocoResults(CocoImageIds(names, annotations))
         run_cat_ids = None  # the run's own category ids, looked up only if an image needs them
-        tf = eval_transform(size)
+        tf = eval_transform(size, *self.normalisation())
         model.eval()
         out_dir = Path(out) if out is not None else None
         if out_dir is not None:

@@ -26,22 +26,25 @@ class SSDRandomCrop(nn.Module):
         return self.crop(sample)
 
 
-def to_signed_unit() -> list:
-    """uint8 image -> float in [-1, 1] (MobileDets' input range)."""
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+SIGNED_UNIT = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # uint8 -> [-1, 1]: MobileDets' (the TF OD API's) input range
 
 
-def train_transform(size: int, aug: dict | None = None) -> v2.Compose:
-    """Flip, SSD random crop, stretch-resize to size x size, drop degenerate boxes, scale to [-1, 1]."""
+def normalise(mean=SIGNED_UNIT[0], std=SIGNED_UNIT[1]) -> list:
+    """uint8 image -> float, normalised (by default to [-1, 1])."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def train_transform(size: int, aug: dict | None = None, mean=SIGNED_UNIT[0], std=SIGNED_UNIT[1]) -> v2.Compose:
+    """Flip, SSD random crop, stretch-resize to size x size, drop degenerate boxes, normalise."""
     aug = {**DEFAULT_AUGMENT, **(aug or {})}
     return v2.Compose([v2.RandomHorizontalFlip(aug["hflip"]), SSDRandomCrop(aug["ssd_crop"]),
                        v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(),
-                       *to_signed_unit()])
+                       *normalise(mean, std)])
 
 
-def eval_transform(size: int) -> v2.Compose:
-    """Stretch-resize to size x size and scale to [-1, 1] (boxes follow the resize)."""
-    return v2.Compose([v2.Resize((size, size), antialias=True), *to_signed_unit()])
+def eval_transform(size: int, mean=SIGNED_UNIT[0], std=SIGNED_UNIT[1]) -> v2.Compose:
+    """Stretch-resize to size x size and normalise (boxes follow the resize)."""
+    return v2.Compose([v2.Resize((size, size), antialias=True), *normalise(mean, std)])
 
 
 def collate_detection(samples: list) -> dict:

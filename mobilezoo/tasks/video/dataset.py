@@ -17,7 +17,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from ...errors import BadSampleError, DataError
 from .decode import VIDEO_EXTENSIONS, read_clip
 from .sampling import clip_indices, eval_offsets, single_frame, train_offsets
-from .transforms import EvalViews, TrainClip, to_video
+from .transforms import MEAN, STD, EvalViews, TrainClip, to_video
 
 
 def folder_samples(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -93,15 +93,16 @@ class VideoClips(Dataset):
     when skipping, gives None (counted by the collate function)."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], opts: dict, size: int, train: bool,
-                 clips: int = 1, crops: int = 1, short_side: int | None = None, skip_bad: bool = False):
+                 clips: int = 1, crops: int = 1, short_side: int | None = None, skip_bad: bool = False,
+                 normalisation=(MEAN, STD)):
         self.samples, self.classes, self.opts, self.train, self.clips = samples, classes, opts, train, clips
         self.skip_bad = skip_bad
         if train:
-            self.transform = TrainClip(size, opts)
+            self.transform = TrainClip(size, opts, *normalisation)
             self.flip_map = label_map(opts["flip_label_map"], classes, "flip_label_map")
             self.reverse_map = label_map(opts["reverse_label_map"], classes, "reverse_label_map")
         else:
-            self.transform = EvalViews(size, short_side or size, crops)
+            self.transform = EvalViews(size, short_side or size, crops, *normalisation)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -119,7 +119,8 @@ class VideoTask(Task):
         o, d = self.opts, self.recipe.data
         clips, crops = (o[f"{views}_clips"], o[f"{views}_crops"]) if views else (1, 1)
         short = o["test_short_side"] if views == "test" else o["short_side"]
-        ds = VideoClips(samples, classes, o, d.img_size, train, clips, crops, short, d.skip_bad_samples)
+        ds = VideoClips(samples, classes, o, d.img_size, train, clips, crops, short, d.skip_bad_samples,
+                        self.normalisation())
         return Subset(ds, stratified_subset(samples, limit)) if limit and limit < len(ds) else ds
 
     def datasets(self):
@@ -199,7 +200,7 @@ class VideoTask(Task):
             raise DataError("the run has no class names (data.class_names); was it trained?")
         o = self.opts
         views = VideoClips([], names, o, self.recipe.data.img_size, False, o["test_clips"], o["test_crops"],
-                           o["test_short_side"])
+                           o["test_short_side"], normalisation=self.normalisation())
         model.eval()
         records = []
         for f, (frames, _) in readable(files, lambda f: read_clip(f, views.indices), on_bad_sample):

@@ -52,7 +52,7 @@ class MultiScaleCrop(v2.Transform):
 class TrainClip:
     """The training transform of one clip: uint8 Video (T, 3, H, W) -> normalised float (C, T, S, S)."""
 
-    def __init__(self, size: int, opts: dict):
+    def __init__(self, size: int, opts: dict, mean=MEAN, std=STD):
         spatial = [v2.Resize(opts["short_side"], antialias=True)] if opts["short_side"] else []
         spatial += [MultiScaleCrop(opts["scales"], opts["max_wh_scale_gap"], size),
                     v2.Resize((size, size), antialias=True)]
@@ -60,7 +60,7 @@ class TrainClip:
         self.to_float = v2.ToDtype(torch.float32, scale=True)  # jitter in float: no uint8 round trips
         jitter = opts["color_jitter"]
         self.jitter = v2.ColorJitter(*jitter) if jitter and any(jitter) else None
-        after = [v2.Normalize(MEAN, STD)]
+        after = [v2.Normalize(list(mean), list(std))]
         if opts["erase_prob"]:
             # erased after normalisation with N(0, 1) noise, i.e. random colours around the data mean
             # (mmaction2's mode='rand' fills uniform 0-255 before normalisation)
@@ -82,11 +82,11 @@ class EvalViews:
     """Deterministic views of one clip: short side resized, then a centre crop or three crops along the
     long side; uint8 Video (T, 3, H, W) -> normalised float (crops, C, T, S, S)."""
 
-    def __init__(self, size: int, short_side: int, crops: int):
+    def __init__(self, size: int, short_side: int, crops: int, mean=MEAN, std=STD):
         if crops not in (1, 3):
             raise ValueError(f"crops must be 1 (centre) or 3 (three along the long side), got {crops}")
         self.size, self.short_side, self.crops = size, short_side, crops
-        self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+        self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def boxes(self, h: int, w: int) -> list[tuple[int, int]]:
         """(top, left) of each crop of an h x w frame."""
