@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import UserError
 
 # Flags shared by train/eval that map onto recipe fields.
+EXPORTED_RUNTIMES = ("onnxruntime", "openvino")  # run the export on the CPU, in fp32 inputs
 RECIPE_FLAGS = {
     "model": "model.name", "data": "data.name", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "data.img_size",
@@ -22,7 +23,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
                    help="override any recipe field, e.g. --set optim.weight_decay=0.1")
     p.add_argument("--data", help="embedded dataset name (digits) or a folder with train/ and val/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32")
+    if not any("--precision" in a.option_strings for a in p._actions):  # eval: a runtime flag (below)
+        p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -40,15 +42,21 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", choices=["torch", "compile", "onnxruntime"], default="torch",
+    p.add_argument("--runtime", choices=["torch", "compile", "onnxruntime", "openvino"], default="torch",
                    help="run the PyTorch model, the same compiled by torch.compile (TorchInductor, frozen "
-                   "weights: compiles on the first batch of each shape, then faster), or the run's ONNX export")
-    p.add_argument("--onnx", help="with --runtime onnxruntime: the ONNX file (default RUN/model.onnx)")
+                   "weights: compiles on the first batch of each shape, then faster), or the run's ONNX export "
+                   "in ONNX Runtime or OpenVINO (pip install 'mobilezoo[openvino]')")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                   help="PyTorch: bf16 autocast or fp32 (default: the run's); --runtime openvino: the inference "
+                   "precision (default fp32, always set: OpenVINO would pick bf16 on its own where the CPU has it); "
+                   "int8 runs RUN/model.openvino-int8.xml from `mobilezoo export RUN --openvino-int8`")
+    p.add_argument("--onnx", help="with --runtime onnxruntime or openvino: the ONNX file (default RUN/model.onnx)")
 
 
 def _overrides(args) -> list[str]:
+    exported = getattr(args, "runtime", "torch") in EXPORTED_RUNTIMES  # its --precision is the runtime's
     out = [f"{field}={json.dumps(getattr(args, flag))}" for flag, field in RECIPE_FLAGS.items()
-           if getattr(args, flag, None) is not None]
+           if getattr(args, flag, None) is not None and not (exported and flag == "precision")]
     if getattr(args, "skip_bad_samples", False):
         out.append("data.skip_bad_samples=true")
     if getattr(args, "arch", None):
@@ -128,8 +136,9 @@ def cmd_eval(args) -> int:
     from .engine import Context, evaluate, resolve_device
     from .engine.loop import eval_loader
     from .tasks import load_run
+    _check_precision(args, "eval")
     recipe, task, model = load_run(args.run, _overrides(args))
-    onnx = args.runtime == "onnxruntime"
+    onnx = args.runtime in EXPORTED_RUNTIMES
     ctx = Context(torch.device("cpu") if onnx else resolve_device(recipe.train.device),
                   "fp32" if onnx else recipe.train.precision, channels_last=recipe.train.channels_last and not onnx)
     model = _with_runtime(args, ctx.prepare(model))
@@ -143,18 +152,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_precision(args, command: str) -> None:
+    """--precision int8 (and, for ONNX Runtime or predict, bf16) is OpenVINO's alone."""
+    p = args.precision
+    if p and args.runtime != "openvino" and (p == "int8" or args.runtime == "onnxruntime" or command == "predict"):
+        raise UserError(f"--precision {p} is for --runtime openvino (ONNX Runtime runs the file as exported, "
+                        "INT8: --onnx RUN/model.int8.onnx)")
+
+
 def _with_runtime(args, model):
-    """The torch model, compiled with `--runtime compile`, or with `--runtime onnxruntime` an ONNX Runtime
+    """The torch model, compiled with `--runtime compile`, or with `--runtime onnxruntime` / `openvino` a
     session of the run's export."""
+    precision = args.precision or "fp32"
     if args.runtime == "torch":
         return model
     if args.runtime == "compile":
         from .deploy.compiled import compile_for_inference
         return compile_for_inference(model)
-    from .deploy.ort import OrtModel
     path = Path(args.onnx or Path(args.run) / "model.onnx")
-    if not path.is_file():
+    if args.runtime == "openvino" and precision == "int8":
+        from .deploy.openvino import int8_path
+        path = int8_path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no OpenVINO INT8 file; run `mobilezoo export {args.run} --openvino-int8` first")
+    elif not path.is_file():
         raise UserError(f"{path}: no ONNX file; run `mobilezoo export {args.run}` first (or pass --onnx)")
+    if args.runtime == "openvino":
+        from .deploy.openvino import OpenVinoModel
+        return OpenVinoModel(path, precision, threads=args.threads)
+    from .deploy.ort import OrtModel
     return OrtModel(path, threads=args.threads)
 
 
@@ -181,6 +207,7 @@ def cmd_predict(args) -> int:
 
     from .engine import resolve_device
     from .tasks import load_run
+    _check_precision(args, "predict")
     recipe, task, model = load_run(args.run, [f"train.device={args.device}"] if args.device else [])
     options = {k: getattr(args, k) for k in ("topk", "score_thresh", "annotations") if getattr(args, k) is not None}
     unknown = sorted(set(options) - set(task.predict_options))
@@ -188,7 +215,7 @@ def cmd_predict(args) -> int:
         takes = ", ".join(f"--{o.replace('_', '-')}" for o in task.predict_options) or "none"
         raise UserError(f"--{unknown[0].replace('_', '-')} is not an option of predict for {args.run}, a "
                         f"{task.name} run (its options: {takes})")
-    device = resolve_device(recipe.train.device) if args.runtime != "onnxruntime" else torch.device("cpu")
+    device = resolve_device(recipe.train.device) if args.runtime not in EXPORTED_RUNTIMES else torch.device("cpu")
     model = _with_runtime(args, model.to(device))
     skipped: list[str] = []
     out = args.out or (Path(args.run) / "predictions" if task.predicts_into_folder else None)
@@ -216,7 +243,8 @@ def cmd_export(args) -> int:
     if args.mode and args.mode not in task.export_modes:
         raise UserError(f"--graph {args.mode}: a {task.name} run exports one graph"
                         + (f" (choose from {', '.join(task.export_modes)})" if task.export_modes else ""))
-    mode = task.int8_mode if args.int8 and task.int8_mode else args.mode
+    int8 = args.int8 or args.openvino_int8
+    mode = task.int8_mode if int8 and task.int8_mode else args.mode
     # The graph INT8 needs takes any batch (calibration and evaluation batches); another graph is
     # exported at batch 1 unless asked (ONNX Runtime runs larger batches in chunks), and the parity
     # check then runs on every sample.
@@ -235,7 +263,28 @@ def cmd_export(args) -> int:
             result = compare_onnx(recipe, task, {"fp32": out, "int8": q}, threads=args.threads)
             q.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
             print(format_comparison(result) + f"\n(written to {q.with_suffix('.json')})")
+    if args.openvino_int8:
+        _export_openvino_int8(args, recipe, task, out)
     return 0
+
+
+def _export_openvino_int8(args, recipe, task, onnx_path: Path) -> None:
+    """NNCF INT8 of the export as an OpenVINO IR beside it, and (unless --no-compare) OpenVINO fp32,
+    bf16 and INT8 side by side on the val split."""
+    from .deploy.openvino import OpenVinoModel, int8_path, quantize_openvino_int8
+    from .deploy.quantize import split_for_calibration
+    calib = task.example_inputs(args.calib_samples)
+    q = quantize_openvino_int8(onnx_path, int8_path(onnx_path), split_for_calibration(calib),
+                               task.openvino_int8_options())
+    print(f"wrote {q} (NNCF INT8 for OpenVINO), calibrated on {len(calib)} training samples of {recipe.data.name}")
+    if args.compare:
+        from .bench.onnx_compare import compare_onnx, format_comparison
+        models = {f"openvino {p}": OpenVinoModel(q if p == "int8" else onnx_path, p, threads=args.threads)
+                  for p in ("fp32", "bf16", "int8")}
+        result = compare_onnx(recipe, task, models)
+        report = q.with_name(q.stem + ".json")
+        report.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_comparison(result) + f"\n(written to {report})")
 
 
 def cmd_convert(args) -> int:
@@ -367,9 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=32, help="classify: batch size for throughput")
     s.add_argument("--iters", type=int, default=50, help="classify: timed batch-1 runs in all (spread over the rounds)")
     s.add_argument("--clip", default="16x224", help="video: FRAMESxSIDE (default 16x224)")
-    s.add_argument("--runtimes", nargs="+", choices=["eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8"],
+    s.add_argument("--runtimes", nargs="+", choices=["eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8",
+                                                     "ov-fp32", "ov-bf16", "ov-int8"],
                    help="runtimes: PyTorch fp32 eager / fused fp32 / bf16 / compiled fp32 / compiled bf16, ONNX "
-                   "Runtime fp32 / INT8 (default: all)")
+                   "Runtime fp32 / INT8, OpenVINO fp32 / bf16 / NNCF INT8 (default: all)")
     s.add_argument("--quick", action="store_true", help="runtimes: small inputs and batches")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
@@ -385,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "raw = heads only, anchors beside")
     s.add_argument("--check-samples", type=int, default=4, help="real samples the parity check runs on")
     s.add_argument("--int8", action="store_true", help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx")
+    s.add_argument("--openvino-int8", action="store_true",
+                   help="also write an OpenVINO INT8 model by NNCF: RUN/model.openvino-int8.xml (needs "
+                   "'mobilezoo[openvino]'; run it with --runtime openvino --precision int8)")
     s.add_argument("--calib-data", help="data root for INT8 calibration (default: the run's own training data)")
     s.add_argument("--calib-samples", type=int, default=64)
     s.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="with --int8: skip evaluating fp32 and INT8 on the val split (accuracy and latency "
-                   "change, written to RUN/model.int8.json)")
+                   help="with --int8 / --openvino-int8: skip evaluating fp32 and INT8 on the val split (accuracy "
+                   "and latency change, written to RUN/model.int8.json / model.openvino-int8.json)")
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the comparison")
     s.set_defaults(fn=cmd_export)
 

@@ -472,6 +472,7 @@ def test_export_then_eval_and_predict_with_onnxruntime(capsys, trained, data_roo
     assert json.loads(ort_pred)[0]["topk"][0]["label"] == json.loads(torch_pred)[0]["topk"][0]["label"]
 
 
+@pytest.mark.slow  # compiling takes ~30 s on 2 cores: with the slow tests, to keep `make test` under 10 minutes
 def test_eval_with_the_compiled_model_gives_the_same_metrics(capsys, trained, tmp_path):
     _, torch_metrics, _ = cli(capsys, "eval", trained, "--json", "--out", tmp_path / "t")
     rc, compiled, err = cli(capsys, "eval", trained, "--json", "--runtime", "compile", "--out", tmp_path / "c")

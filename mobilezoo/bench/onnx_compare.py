@@ -16,22 +16,29 @@ from ..engine.loop import eval_loader
 from .timing import batch1_latency_ms
 
 
-def compare_onnx(recipe, task, files: dict[str, Path], threads: int | None = None, runs: int = 20) -> dict:
+def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: int = 20) -> dict:
     """{"metric", "rows": {label: {"metric", "latency_ms", "size_mb"}}, "change", "speedup"} with the
-    change and speed-up of each file relative to the first."""
+    change and speed-up of each file relative to the first. A value is an ONNX file (run by ONNX
+    Runtime) or a model already opened on an exported file (e.g. an OpenVinoModel)."""
     ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
     x = task.example_inputs(1)
     rows = {}
     for label, path in files.items():
-        model = OrtModel(path, threads=threads)
+        model = path if hasattr(path, "session") else OrtModel(path, threads=threads)
         metrics = evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
         rows[label] = {"metric": float(metrics[task.headline]),
                        "latency_ms": round(batch1_latency_ms(model, x, runs), 2),
-                       "size_mb": round(Path(path).stat().st_size / 1e6, 2), "count": metrics.get("count")}
+                       "size_mb": round(_file_size(model.path) / 1e6, 2), "count": metrics.get("count")}
     base = next(iter(rows.values()))
     return {"metric": task.headline, "rows": rows,
             "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items()},
             "speedup": {k: round(base["latency_ms"] / r["latency_ms"], 3) for k, r in rows.items()}}
+
+
+def _file_size(path: Path) -> int:
+    """Bytes of a model file, with an OpenVINO IR's weights (.bin beside its .xml)."""
+    weights = Path(path).with_suffix(".bin")
+    return Path(path).stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
 
 
 def format_comparison(result: dict) -> str:

@@ -65,13 +65,18 @@ class OrtModel:
         inp = self.session.get_inputs()[0]
         self.input_name, self.input_shape = inp.name, list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.arrays = {}
-        for key in json.loads(meta.get(META_ARRAYS, "[]")):
+        self.arrays = self.load_arrays()
+
+    def load_arrays(self) -> dict[str, torch.Tensor]:
+        """The arrays the graph needs (e.g. a detector's anchors), from beside the file."""
+        arrays = {}
+        for key in json.loads(self.metadata.get(META_ARRAYS, "[]")):
             apath = array_path(self.path, key)
             if not apath.is_file():
                 raise OnnxModelError(f"{apath}: the {key} of {self.path.name} not found (export writes it "
-                                     "beside the .onnx file)")
-            self.arrays[key] = torch.from_numpy(np.load(apath))
+                                     "beside the model file)")
+            arrays[key] = torch.from_numpy(np.load(apath))
+        return arrays
 
     # torch-module habits the engine relies on; a session has no mode, device or memory format
     def eval(self) -> OrtModel:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -75,6 +76,17 @@ def _ceil_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out - 1 if (out - 1) * stride >= size + pad else out
 
 
+@lru_cache(maxsize=64)
+def _valid_cell_scale(h: int, w: int, k: int, s: int, ph: tuple[int, int], pw: tuple[int, int]) -> torch.Tensor:
+    """k^2 / (cells of each pooling window inside the unpadded h x w map), shape (1, 1, out_h, out_w)."""
+    def valid(n: int, before: int, out: int) -> list[int]:
+        return [min(i * s - before + k, n) - max(i * s - before, 0) for i in range(out)]
+    rows = valid(h, ph[0], (h + sum(ph) - k) // s + 1)
+    cols = valid(w, pw[0], (w + sum(pw) - k) // s + 1)
+    return (k * k / torch.outer(torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64))
+            ).float()[None, None]
+
+
 class AvgPool2dSame(nn.Module):
     """Average pooling with TF 'SAME' padding whose padded cells are excluded from the mean."""
 
@@ -93,11 +105,12 @@ class AvgPool2dSame(nn.Module):
             # Pads (p, p) or (p, p + 1): PyTorch's ceil mode adds the extra trailing cell, and both
             # exclude the padded cells from the mean as TF does; no padded copy of the input.
             return F.avg_pool2d(x, k, s, padding=(ph[0], pw[0]), ceil_mode=True, count_include_pad=False)
-        pad = (pw[0], pw[1], ph[0], ph[1])
-        summed = F.avg_pool2d(F.pad(x, pad), k, s, divisor_override=1)
-        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
-        count = F.avg_pool2d(F.pad(ones, pad), k, s, divisor_override=1)
-        return summed / count
+        # The mean over k x k (zeros included) rescaled by k^2 / valid cells: in an exported graph one
+        # AveragePool and a constant Mul (ONNX's AveragePool has no divisor_override, and pooling a
+        # ones map at run time keeps OpenVINO's bf16 compiler from building the graph). The map's
+        # sides become constants of the trace: the models using this pool export at fixed sizes.
+        scale = _valid_cell_scale(int(x.shape[-2]), int(x.shape[-1]), k, s, ph, pw).to(x.device, x.dtype)
+        return F.avg_pool2d(F.pad(x, (pw[0], pw[1], ph[0], ph[1])), k, s) * scale
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME"

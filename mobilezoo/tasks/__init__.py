@@ -1,6 +1,8 @@
 """Tasks: each owns its datasets, head/loss, metrics and prediction; the engine runs them all."""
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ..engine.checkpoint import EMA_WEIGHTS, WEIGHTS
@@ -8,13 +10,28 @@ from ..errors import RecipeError, UserError
 from ..models.weights import load_weights
 from ..recipes import Recipe, load_recipe
 from .base import Task
-from .classification import ClassificationTask
-from .detection import DetectionTask
-from .segmentation3d import Segmentation3DTask
-from .video import VideoTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassificationTask, "detect": DetectionTask,
-                                "segment3d": Segmentation3DTask, "video": VideoTask}
+# name -> (module, class): each task's module (and what it imports, e.g. MONAI for segment3d) loads
+# when the task is first used, not with every command.
+_TASK_CLASSES = {"classify": ("classification", "ClassificationTask"), "detect": ("detection", "DetectionTask"),
+                 "segment3d": ("segmentation3d", "Segmentation3DTask"), "video": ("video", "VideoTask")}
+
+
+class _Tasks(Mapping):
+    """The task classes by name, each imported on first access."""
+
+    def __getitem__(self, name: str) -> type[Task]:
+        module, cls = _TASK_CLASSES[name]
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TASK_CLASSES)
+
+    def __len__(self) -> int:
+        return len(_TASK_CLASSES)
+
+
+TASKS: Mapping[str, type[Task]] = _Tasks()
 
 
 def task_of(model_name: str) -> type[Task]:

@@ -109,6 +109,12 @@ class ClassificationTask(Task):
     name = "classify"
     headline = "top1"
 
+    @classmethod
+    def openvino_int8_options(cls) -> dict:
+        """MOAT for NNCF: a transformer (its attention quantized as such), the gathers that index the
+        relative-position tables left in float."""
+        return {"model_type": "transformer", "ignored_types": ["Gather"]}
+
     def __init__(self, recipe):
         super().__init__(recipe)
         self.aug = task_options(recipe.data.augment, DEFAULT_AUGMENT)

@@ -54,6 +54,12 @@ def test_summary_picks_the_fastest_runtime_and_judges_the_goal():
     assert (a["best_runtime"], a["speedup_vs_eager"], a["goal_met"]) == ("int8", 2.0, True)
     assert (b["best_runtime"], b["speedup_vs_eager"], b["goal_met"]) == ("bf16", 1.25, False)
     assert a["vs_p"] == 3.0 and "vs_d" not in a  # peers of the same family only, peer best / ours
+    # The low-precision goal: best of bf16 / INT8 / OpenVINO bf16, INT8 against the best fp32 runtime
+    assert (a["best_low_precision"], a["best_fp32"], a["low_precision_speedup"]) == ("int8", "fp32", round(25 / 15, 3))
+    assert (b["best_low_precision"], b["low_precision_speedup"]) == ("bf16", 1.25)
+    c, = br.summarize([row("c", "ov-fp32", 10.0), row("c", "ort", 12.0), row("c", "ov-int8", 4.0),
+                       row("c", "ov-bf16", 5.0)])
+    assert (c["best_low_precision"], c["best_fp32"], c["low_precision_speedup"]) == ("ov-int8", "ov-fp32", 2.5)
 
 
 def test_markdown_has_a_line_per_row_a_summary_line_per_model_and_names_skipped_runtimes(classifier_result):

@@ -1,4 +1,5 @@
 """torch.compile for inference: same outputs as the eager model, weights frozen, bf16 copies, runtimes cells."""
+import pytest
 import torch
 
 from mobilezoo.bench.suites import runtimes as br
@@ -33,6 +34,7 @@ def test_bf16_copy_of_a_detector_network_leaves_the_model_alone_and_agrees_with_
     torch.testing.assert_close(reg16.float(), reg, rtol=0.05, atol=0.1)
 
 
+@pytest.mark.slow  # compiling two cells takes ~25 s on 2 cores: slow, to keep `make test` under 10 minutes
 def test_compiled_runtimes_are_cells_of_the_one_table_benchmark():
     result = br.benchmark(["squeezetime_mini"], [], ("eager", "compile-bf16"), threads=1,
                           quick=True, iters=2, batch_iters=1, rounds=1)

@@ -12,6 +12,9 @@ Runtimes (each model runs in every one that applies):
   int8    ONNX Runtime on the static INT8 (QDQ) file from `quantize_int8`, calibrated here on random
           inputs: the speed of the quantized graph; the accuracy change is measured on the task's
           own data by `mobilezoo export --int8 --calib-data ...` (and in the demo)
+  ov-fp32, ov-bf16, ov-int8
+          OpenVINO on the same ONNX graph with the precision hint set, and on the NNCF INT8 file
+          (`quantize_openvino_int8`, calibrated here on random inputs; accuracy: `export --openvino-int8`)
 Peers run in PyTorch fp32 and bf16 (and compiled, when those runtimes are asked for), as their libraries
 build them: timm:NAME[@SIZE], tv:NAME, monai:SegResNet (see `bench.specs.PEERS`).
 
@@ -42,10 +45,13 @@ from ..stats import latency_ms, median
 from ..threads import num_threads
 from ..timing import matmul_peak_gflops, time_calls
 
-RUNTIMES = ("eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8")
+RUNTIMES = ("eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8", "ov-fp32", "ov-bf16", "ov-int8")
 LABELS = {"eager": "PyTorch fp32 eager", "fp32": "PyTorch fp32", "bf16": "PyTorch bf16",
           "compile": "PyTorch compiled fp32", "compile-bf16": "PyTorch compiled bf16",
-          "ort": "ORT fp32", "int8": "ORT INT8"}
+          "ort": "ORT fp32", "int8": "ORT INT8", "ov-fp32": "OpenVINO fp32", "ov-bf16": "OpenVINO bf16",
+          "ov-int8": "OpenVINO INT8"}
+LOW_PRECISION = ("bf16", "compile-bf16", "int8", "ov-bf16", "ov-int8")
+OPENVINO = {"ov-fp32": "fp32", "ov-bf16": "bf16", "ov-int8": "int8"}
 COMPILED = {"compile": torch.float32, "compile-bf16": torch.bfloat16}
 SOURCES = ("mobilezoo", "timm", "tv", "monai")
 SUITE = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0", "ssdlite_mobiledet_cpu",
@@ -53,6 +59,7 @@ SUITE = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0", "
 SUITE_PEERS = ["timm:efficientnet_b0", "timm:mobilevit_xs@256", "timm:coatnet_0_224",
                "tv:ssdlite320_mobilenet_v3_large", "tv:r2plus1d_18", "monai:SegResNet"]
 GOAL_SPEEDUP = 1.5  # every model's best runtime vs PyTorch fp32 eager, batch-1 latency
+GOAL_LOW_PRECISION = 2.0  # every model's best low-precision runtime vs its best fp32 runtime
 CALIBRATION_SIDE = 32  # INT8 calibration crops of fully convolutional models (see _ort_cells)
 
 
@@ -93,7 +100,7 @@ def _cells_for(spec: Spec, runtimes, threads: int, quick: bool, tmp: Path, log, 
                                base))
     if set(COMPILED) & set(runtimes):
         cells += _compiled_cells(spec, model, x1, xb, runtimes, base, log, skipped)
-    if {"ort", "int8"} & set(runtimes):
+    if {"ort", "int8", *OPENVINO} & set(runtimes):
         cells += _ort_cells(spec, model, shape, batch, runtimes, threads, tmp, base, log, skipped)
     return cells
 
@@ -124,7 +131,7 @@ def _compiled_cells(spec: Spec, model, x1, xb, runtimes, base: dict, log, skippe
 
 def _ort_cells(spec: Spec, model, shape, batch: int, runtimes, threads: int, tmp: Path, base: dict, log,
                skipped: list) -> list[Cell]:
-    """ONNX Runtime fp32 and INT8 cells; a failed export or quantization is recorded in `skipped`."""
+    """ONNX Runtime and OpenVINO cells on one export; a failed export or quantization is recorded in `skipped`."""
     from ...deploy.export import export_onnx
     from ...deploy.ort import OrtModel
     from ...deploy.quantize import quantize_int8
@@ -141,8 +148,8 @@ def _ort_cells(spec: Spec, model, shape, batch: int, runtimes, threads: int, tmp
         export_onnx(model, torch.randn(example_batch, *shape), fp32, task, mode=task.int8_mode,
                     dynamic_batch=batch > 1, dynamic_spatial=dynamic, threads=threads)
     except Exception as e:  # noqa: BLE001 - reported in the table, the other runtimes still run
-        skipped += [{"model": spec.text, "runtime": rt, "reason": f"export failed: {e}"} for rt in ("ort", "int8")
-                    if rt in runtimes]
+        skipped += [{"model": spec.text, "runtime": rt, "reason": f"export failed: {e}"}
+                    for rt in ("ort", "int8", *OPENVINO) if rt in runtimes]
         return []
     paths = {"ort": fp32}
     if "int8" in runtimes:
@@ -157,7 +164,23 @@ def _ort_cells(spec: Spec, model, shape, batch: int, runtimes, threads: int, tmp
         if rt in runtimes:
             session = OrtModel(path, threads=threads, arena=False)  # ~60 sessions and models share the RAM
             cells.append(_cell(spec, rt, session.run, x1, xb, base))
+    calibration = [torch.randn(example_batch, *calib_shape) for _ in range(4)]
+    for rt in (r for r in OPENVINO if r in runtimes):
+        try:
+            cells.append(_cell(spec, rt, _openvino_model(spec, fp32, OPENVINO[rt], calibration, threads).run,
+                               x1, xb, base))
+        except Exception as e:  # noqa: BLE001 - OpenVINO missing, or a graph it cannot take: reported
+            skipped.append({"model": spec.text, "runtime": rt, "reason": f"OpenVINO: {e}"})
     return cells
+
+
+def _openvino_model(spec: Spec, onnx_path: Path, precision: str, calibration, threads: int):
+    """OpenVINO on the export at `precision`; INT8 quantizes it by NNCF first (with the task's settings)."""
+    from ...deploy.openvino import OpenVinoModel, int8_path, quantize_openvino_int8
+    if precision == "int8":
+        onnx_path = quantize_openvino_int8(onnx_path, int8_path(onnx_path), calibration,
+                                           spec.task_class.openvino_int8_options())
+    return OpenVinoModel(onnx_path, precision, threads=threads)
 
 
 def benchmark(models: Sequence[str], peers: Sequence[str] = (), runtimes: Sequence[str] = RUNTIMES,
@@ -220,6 +243,13 @@ def summarize(rows: list[dict]) -> list[dict]:
         if "eager" in mine:
             entry["speedup_vs_eager"] = round(mine["eager"]["latency_ms"] / best["latency_ms"], 3)
             entry["goal_met"] = entry["speedup_vs_eager"] >= GOAL_SPEEDUP
+        low = [r for rt, r in mine.items() if rt in LOW_PRECISION]
+        full = [r for rt, r in mine.items() if rt not in LOW_PRECISION]
+        if low and full:
+            best_low = min(low, key=lambda r: r["latency_ms"])
+            best_full = min(full, key=lambda r: r["latency_ms"])
+            entry.update(best_low_precision=best_low["runtime"], best_fp32=best_full["runtime"],
+                         low_precision_speedup=round(best_full["latency_ms"] / best_low["latency_ms"], 3))
         for peer in dict.fromkeys(r["model"] for r in rows if r["source"] != "mobilezoo"
                                   and r["family"] == best["family"]):
             peer_best = min(r["latency_ms"] for r in rows if r["model"] == peer)
@@ -249,6 +279,9 @@ SUMMARY_COLUMNS = (
     Column(f"vs PyTorch fp32 eager (goal >= {GOAL_SPEEDUP}x)",
            lambda s: f"{s['speedup_vs_eager']:.2f}x {'met' if s['goal_met'] else 'NOT met'}"
            if "speedup_vs_eager" in s else "-", "right"),
+    Column(f"best low precision vs best fp32 (goal >= {GOAL_LOW_PRECISION:.0f}x)",
+           lambda s: f"{s['low_precision_speedup']:.2f}x ({LABELS[s['best_low_precision']]} vs "
+                     f"{LABELS[s['best_fp32']]})" if "low_precision_speedup" in s else "-", "left"),
     Column("vs peers (peer best / ours)",
            lambda s: ", ".join(f"{k[3:]} {v:.2f}x" for k, v in s.items() if k.startswith("vs_")) or "-", "left"),
 )
