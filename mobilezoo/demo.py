@@ -76,11 +76,38 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
     summary = export_onnx(model, task.example_inputs(1), onnx_path, task, mode=task.int8_mode)
     calib = task.example_inputs(8 if runs < 10 else 64)
     quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
-    compared = compare_onnx(recipe, task, {"fp32": onnx_path, "int8": int8_path}, runs=runs)
+    files = {"fp32": onnx_path, "int8": int8_path, **_openvino_models(task, onnx_path, calib)}
+    # OpenVINO fp32 and bf16 compute what the fp32 file does (the tests hold them to it): timed only.
+    compared = compare_onnx(recipe, task, files, runs=runs, timed_only=("OpenVINO fp32", "OpenVINO bf16"))
     for label, r in compared["rows"].items():
-        rows.append({"task": name, "runtime": f"ONNX Runtime {label}", "ms": r["latency_ms"],
-                     f"val_{compared['metric']}": r["metric"]})
+        runtime = label if label.startswith("OpenVINO") else f"ONNX Runtime {label}"
+        rows.append({"task": name, "runtime": runtime, "ms": r["latency_ms"], f"val_{compared['metric']}": r["metric"]})
     return rows, {"parity": summary.get("parity"), "int8": compared}
+
+
+def _openvino_models(task, onnx_path: Path, calib: torch.Tensor) -> dict:
+    """OpenVINO fp32 / bf16 on the export and NNCF INT8 beside it, when the openvino extra is installed."""
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return {}
+    from .deploy.openvino import OpenVinoModel, int8_path, quantize_openvino_int8
+    from .deploy.quantize import split_for_calibration
+    q = quantize_openvino_int8(onnx_path, int8_path(onnx_path), split_for_calibration(calib),
+                               task.openvino_int8_options())
+    return {f"OpenVINO {p}": OpenVinoModel(q if p == "int8" else onnx_path, p) for p in ("fp32", "bf16", "int8")}
+
+
+def _openvino_sentence(compared: dict) -> list[str]:
+    """The OpenVINO INT8 file's accuracy and speed, as one sentence (none without OpenVINO)."""
+    ov = compared["rows"].get("OpenVINO int8")
+    if ov is None:
+        return []
+    fp32 = compared["rows"]["OpenVINO fp32"]["latency_ms"]
+    return [f"OpenVINO INT8 (NNCF, `model.openvino-int8.xml`): {compared['metric']} {ov['metric']:.4f}, change "
+            f"{compared['change']['OpenVINO int8']:+.4f} vs the fp32 file; batch-1 {fp32 / ov['latency_ms']:.2f}x "
+            f"OpenVINO fp32's speed ({compared['rows']['OpenVINO bf16']['latency_ms']:.1f} ms in bf16)."]
 
 
 def _embed_run_report(run: str, run_dir: Path) -> list[str]:
@@ -158,7 +185,8 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
                   f"training samples), on the whole val split with ONNX Runtime: {int8['metric']} "
                   f"{int8['rows']['fp32']['metric']:.4f} (fp32) -> {int8['rows']['int8']['metric']:.4f} (INT8), "
                   f"change {int8['change']['int8']:+.4f}; batch-1 {int8['speedup']['int8']:.2f}x the fp32 speed, "
-                  f"{int8['rows']['int8']['size_mb'] / int8['rows']['fp32']['size_mb']:.2f}x the size.", ""]
+                  f"{int8['rows']['int8']['size_mb'] / int8['rows']['fp32']['size_mb']:.2f}x the size.",
+                  *_openvino_sentence(int8), ""]
         print(f"demo {name}: {task.summary(metrics)} ({seconds:.0f} s)")
     _latency_chart(latency, out / "latency.png")
     lines += ["## Latency", "", "![batch-1 latency per runtime](latency.png)", "",

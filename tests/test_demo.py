@@ -25,6 +25,12 @@ def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     int8 = results["classify"]["int8"]  # both ONNX files evaluated on the whole val split
     assert int8["rows"]["fp32"]["count"] == 128 and int8["metric"] == "top1"
     assert f"{int8['rows']['int8']['metric']:.4f} (INT8)" in report
+    # OpenVINO (installed by make): timed in fp32 and bf16, its NNCF INT8 file also evaluated
+    assert {"OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8"} <= set(results["classify"]["latency_ms"])
+    ov = int8["rows"]["OpenVINO int8"]
+    assert ov["count"] == 128 and int8["rows"]["OpenVINO bf16"]["metric"] is None
+    assert f"OpenVINO INT8 (NNCF, `model.openvino-int8.xml`): top1 {ov['metric']:.4f}" in report
+    assert (run / "model.openvino-int8.xml").is_file()
     onnx_line = next(ln for ln in report.splitlines() if ln.startswith("ONNX export"))
     parity = results["classify"]["onnx_parity"]
     assert "{" not in onnx_line and "passed" in onnx_line  # a sentence, not a printed dict

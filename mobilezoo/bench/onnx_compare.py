@@ -16,22 +16,25 @@ from ..engine.loop import eval_loader
 from .timing import batch1_latency_ms
 
 
-def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: int = 20) -> dict:
+def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: int = 20,
+                 timed_only: tuple[str, ...] = ()) -> dict:
     """{"metric", "rows": {label: {"metric", "latency_ms", "size_mb"}}, "change", "speedup"} with the
     change and speed-up of each file relative to the first. A value is an ONNX file (run by ONNX
-    Runtime) or a model already opened on an exported file (e.g. an OpenVinoModel)."""
+    Runtime) or a model already opened on an exported file (e.g. an OpenVinoModel). Labels in
+    `timed_only` are timed but not evaluated (a runtime whose accuracy another row already shows)."""
     ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
     x = task.example_inputs(1)
     rows = {}
     for label, path in files.items():
         model = path if hasattr(path, "session") else OrtModel(path, threads=threads)
-        metrics = evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx)
-        rows[label] = {"metric": float(metrics[task.headline]),
+        metrics = ({} if label in timed_only else
+                   evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx))
+        rows[label] = {"metric": float(metrics[task.headline]) if metrics else None,
                        "latency_ms": round(batch1_latency_ms(model, x, runs), 2),
                        "size_mb": round(_file_size(model.path) / 1e6, 2), "count": metrics.get("count")}
     base = next(iter(rows.values()))
     return {"metric": task.headline, "rows": rows,
-            "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items()},
+            "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items() if r["metric"] is not None},
             "speedup": {k: round(base["latency_ms"] / r["latency_ms"], 3) for k, r in rows.items()}}
 
 
@@ -47,7 +50,9 @@ def format_comparison(result: dict) -> str:
     lines = []
     for label, r in result["rows"].items():
         change = "" if label == first else (f" ({result['change'][label]:+.4f} vs {first}; "
-                                            f"{result['speedup'][label]:.2f}x faster)")
-        lines.append(f"{label}: val {result['metric']} {r['metric']:.4f}, batch-1 {r['latency_ms']:.1f} ms, "
+                                            if label in result["change"] else " (") + \
+            ("" if label == first else f"{result['speedup'][label]:.2f}x faster)")
+        metric = "not evaluated" if r["metric"] is None else f"{r['metric']:.4f}"
+        lines.append(f"{label}: val {result['metric']} {metric}, batch-1 {r['latency_ms']:.1f} ms, "
                      f"{r['size_mb']:.1f} MB{change}")
     return "\n".join(lines)
