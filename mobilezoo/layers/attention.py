@@ -34,6 +34,17 @@ def window_merge(x: torch.Tensor, window: tuple[int, int], size: tuple[int, int]
     return x.reshape(-1, hh, ww, c)
 
 
+def padding_mask(n: int, size: tuple[int, int], window: tuple[int, int], dtype, device) -> torch.Tensor:
+    """[n * windows, 1, 1, h*w] additive mask: -inf on the keys that pad an (H, W) map to whole windows,
+    so that every real query attends to real keys only, as on the unpadded map."""
+    (hh, ww), (h, w) = size, window
+    real = torch.zeros(1, hh + -hh % h, ww + -ww % w, 1, dtype=torch.bool, device=device)
+    real[:, :hh, :ww] = True
+    keys = window_partition(real, window)[..., 0]  # (windows, h*w)
+    mask = torch.zeros(keys.shape, dtype=dtype, device=device).masked_fill_(~keys, float("-inf"))
+    return mask.repeat(n, 1)[:, None, None, :]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v over [batch, heads, length, d].
 
@@ -57,7 +68,10 @@ class RelPosAttention2d(nn.Module):
 
     The bias table has a fixed size (2P-1)^2 per head and is bilinearly resized to (2h-1, 2w-1)
     for each window (h, w) at run time, so one set of weights serves every input size.
-    `window=None` attends over the whole runtime feature map.
+    `window=None` (or a window at least as large as the map) attends over the whole runtime feature
+    map. A map that the window does not divide is padded to whole windows at its bottom and right,
+    and the padded keys are masked out: every real position attends to the real positions of its
+    window only.
     """
 
     def __init__(self, dim: int, head_dim: int = 32, window: tuple[int, int] | int | None = None,
@@ -87,11 +101,20 @@ class RelPosAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        window = self.window or (hh, ww)
-        t = window_partition(self.norm(x.permute(0, 2, 3, 1)), window)
+        # A window at least as large as the map is global attention over the map.
+        window = (min(self.window[0], hh), min(self.window[1], ww)) if self.window else (hh, ww)
+        t = self.norm(x.permute(0, 2, 3, 1))
+        pad_h, pad_w = -hh % window[0], -ww % window[1]
+        if pad_h or pad_w:  # the last windows of a row / column stick out: pad, and mask the padding
+            t = F.pad(t, (0, 0, 0, pad_w, 0, pad_h))
+        t = window_partition(t, window)
         b, length, _ = t.shape
         q, k, v = self.qkv(t).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         bias = None if self.rel_table is None else self.relative_bias(*window).to(q.dtype)[None]
+        if pad_h or pad_w:
+            mask = padding_mask(n, (hh, ww), window, q.dtype, q.device)
+            bias = mask if bias is None else bias + mask
         out = attend(q, k, v, bias)
         out = self.proj(out.transpose(1, 2).reshape(b, length, c))
-        return window_merge(out, window, (hh, ww)).permute(0, 3, 1, 2)
+        out = window_merge(out, window, (hh + pad_h, ww + pad_w))
+        return out[:, :hh, :ww].permute(0, 3, 1, 2)

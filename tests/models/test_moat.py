@@ -301,3 +301,13 @@ def test_unreadable_file_is_checkpoint_error(tmp_path, name):
         path.write_bytes(b"\x00not a weights file" * 8)
     with pytest.raises(CheckpointError):
         load_weights(create_model("tiny_moat_0"), path)
+
+
+def test_window_attention_backbone_takes_any_input_size():
+    # 513 x 513 (DeepLab's crop): maps of 33 and 17 at strides 16 and 32, padded to whole 14 / 7 windows
+    backbone = create_model("tiny_moat_0", features_only=True, window_size=[None, None, 14, 7]).eval()
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 513, 513))
+    assert [tuple(f.shape[1:]) for f in feats] == [(32, 129, 129), (64, 65, 65), (128, 33, 33), (256, 17, 17)]
+    assert [i["reduction"] for i in backbone.feature_info] == [4, 8, 16, 32]
+    assert all(torch.isfinite(f).all() for f in feats)
