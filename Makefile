@@ -29,7 +29,7 @@ RESULTS := benchmarks/results
 bench: $(STAMP)
 	$(MZ) bench runtimes --json $(RESULTS)/runtimes.json
 	$(PY) benchmarks/moat_vs_timm.py
-	$(MZ) bench detect ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu \
+	$(MZ) bench detect ssdlite_mobiledet_cpu ssdlite_mobiledet_dsp ssdlite_mobiledet_edgetpu ssdlite_mobiledet_gpu ssdlite \
 		--vs tv:ssdlite320_mobilenet_v3_large --json $(RESULTS)/detectors.json
 	$(MZ) bench video squeezetime compile:squeezetime eager:squeezetime --vs tv:r2plus1d_18 tv:s3d tv:mvit_v2_s \
 		--json $(RESULTS)/video.json

@@ -284,6 +284,17 @@ def ssdlite_mobiledet(arch="cpu", num_classes: int = 90, multiplier: float = 1.0
                    anchor_specs=specs, **kwargs)
 
 
+def ssdlite(backbone: str = "tiny_moat_0", num_classes: int = 90, backbone_args: dict | None = None,
+            window_size=(None, None, 10, None), anchor_scales=(0.2, 0.95, 0.1), **kwargs) -> SSDLite:
+    """SSDLite on the stride-16 and stride-32 maps of any registered `features_only` backbone, e.g.
+    tiny-MOAT with window attention (`window_size` per stage: 10x10 windows at stride 16, global at
+    stride 32 by default, i.e. 2x2 windows at 320 px; windows are padded where a map does not divide)."""
+    from .registry import create_model
+    args = {"window_size": window_size} if backbone.startswith(("moat", "tiny_moat")) else {}
+    net = create_model(backbone, features_only=True, out_indices=(2, 3), **{**args, **(backbone_args or {})})
+    return SSDLite(net, num_classes, anchor_specs=anchor_specs_from_scales(anchor_scales), **kwargs)
+
+
 def _detector_factory(variant: str | None):
     def build(**kwargs) -> SSDLite:
         arch = kwargs.pop("arch", variant)
@@ -297,3 +308,4 @@ def _detector_factory(variant: str | None):
 for _name in ARCHS:
     register(f"ssdlite_mobiledet_{_name}", "detect", _detector_factory(_name), (3, 320, 320), __name__)
 register("ssdlite_mobiledet", "detect", _detector_factory(None), (3, 320, 320), __name__)
+register("ssdlite", "detect", ssdlite, (3, 320, 320), __name__)

@@ -93,3 +93,14 @@ def test_validate_arch_lives_with_the_architecture_format():
     from mobilezoo.nas import validate_arch as from_nas
     assert from_nas is validate_arch
     assert validate_arch(ARCHS["dsp"]) == ARCHS["dsp"]
+
+
+def test_registered_ssdlite_puts_window_attention_in_a_tiny_moat_backbone():
+    model = create_model("ssdlite", num_classes=3)  # backbone tiny_moat_0 by default
+    attn = [[b.attn.window for b in model.backbone.stages[s]] for s in (2, 3)]
+    assert attn == [[(10, 10)] * 7, [None] * 2]  # 2x2 windows on the 20x20 map at 320 px; global at stride 32
+    assert feature_channels(model.backbone) == [128, 256] and model.num_classes == 3
+    own = create_model("ssdlite", num_classes=3, window_size=(None, None, 7, 7))
+    assert own.backbone.stages[2][0].attn.window == (7, 7)
+    with pytest.raises(UserError):
+        create_model("ssdlite", backbone="tiny_moat_0", anchor_scales=(0.9, 0.2, 0.1))
