@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import UserError
 
 # Flags shared by train/eval that map onto recipe fields.
-EXPORTED_RUNTIMES = ("onnxruntime", "openvino")  # run the export on the CPU, in fp32 inputs
+EXPORTED_RUNTIMES = ("onnxruntime", "openvino", "litert")  # run the export on the CPU, in fp32 inputs
 RECIPE_FLAGS = {
     "model": "model.name", "data": "data.name", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "data.img_size",
@@ -42,14 +42,16 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", choices=["torch", "compile", "onnxruntime", "openvino"], default="torch",
+    p.add_argument("--runtime", choices=["torch", "compile", "onnxruntime", "openvino", "litert"], default="torch",
                    help="run the PyTorch model, the same compiled by torch.compile (TorchInductor, frozen "
-                   "weights: compiles on the first batch of each shape, then faster), or the run's ONNX export "
-                   "in ONNX Runtime or OpenVINO (pip install 'mobilezoo[openvino]')")
+                   "weights: compiles on the first batch of each shape, then faster), the run's ONNX export "
+                   "in ONNX Runtime or OpenVINO (pip install 'mobilezoo[openvino]'), or its LiteRT file "
+                   "RUN/model.tflite from `mobilezoo export RUN --tflite` (pip install 'mobilezoo[litert]')")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"],
                    help="PyTorch: bf16 autocast or fp32 (default: the run's); --runtime openvino: the inference "
                    "precision (default fp32, always set: OpenVINO would pick bf16 on its own where the CPU has it); "
-                   "int8 runs RUN/model.openvino-int8.xml from `mobilezoo export RUN --openvino-int8`")
+                   "int8 runs RUN/model.openvino-int8.xml from `mobilezoo export RUN --openvino-int8`; "
+                   "--runtime litert: int8 runs RUN/model.int8.tflite from `mobilezoo export RUN --tflite --int8`")
     p.add_argument("--onnx", help="with --runtime onnxruntime or openvino: the ONNX file (default RUN/model.onnx)")
 
 
@@ -153,22 +155,28 @@ def cmd_eval(args) -> int:
 
 
 def _check_precision(args, command: str) -> None:
-    """--precision int8 (and, for ONNX Runtime or predict, bf16) is OpenVINO's alone."""
+    """--precision int8 is OpenVINO's and LiteRT's, bf16 (for ONNX Runtime, LiteRT or predict) OpenVINO's alone."""
     p = args.precision
-    if p and args.runtime != "openvino" and (p == "int8" or args.runtime == "onnxruntime" or command == "predict"):
+    if args.runtime == "litert" and p == "bf16":
+        raise UserError("--precision bf16 is not a LiteRT precision: --runtime litert runs RUN/model.tflite (fp32) "
+                        "or, with --precision int8, RUN/model.int8.tflite")
+    if p and args.runtime not in ("openvino", "litert") and (p == "int8" or args.runtime == "onnxruntime"
+                                                            or command == "predict"):
         raise UserError(f"--precision {p} is for --runtime openvino (ONNX Runtime runs the file as exported, "
                         "INT8: --onnx RUN/model.int8.onnx)")
 
 
 def _with_runtime(args, model):
-    """The torch model, compiled with `--runtime compile`, or with `--runtime onnxruntime` / `openvino` a
-    session of the run's export."""
+    """The torch model, compiled with `--runtime compile`, or with `--runtime onnxruntime` / `openvino` /
+    `litert` a session of the run's export."""
     precision = args.precision or "fp32"
     if args.runtime == "torch":
         return model
     if args.runtime == "compile":
         from .deploy.compiled import compile_for_inference
         return compile_for_inference(model)
+    if args.runtime == "litert":
+        return _litert_model(args, precision)
     path = Path(args.onnx or Path(args.run) / "model.onnx")
     if args.runtime == "openvino" and precision == "int8":
         from .deploy.openvino import int8_path
@@ -182,6 +190,18 @@ def _with_runtime(args, model):
         return OpenVinoModel(path, precision, threads=args.threads)
     from .deploy.ort import OrtModel
     return OrtModel(path, threads=args.threads)
+
+
+def _litert_model(args, precision: str):
+    """The run's LiteRT file (INT8 with --precision int8) in LiteRT's interpreter."""
+    from .deploy.litert import LiteRTModel, int8_path
+    path = Path(args.run) / "model.tflite"
+    flags = "--tflite"
+    if precision == "int8":
+        path, flags = int8_path(path), "--tflite --int8"
+    if not path.is_file():
+        raise UserError(f"{path}: no LiteRT file; run `mobilezoo export {args.run} {flags}` first")
+    return LiteRTModel(path, threads=args.threads)
 
 
 def _skip_and_warn(skipped: list[str]):
@@ -238,6 +258,9 @@ def cmd_export(args) -> int:
                         "data checks the export")
     from .tasks import load_run
     recipe, task, model = load_run(src, [f"data.name={json.dumps(args.calib_data)}"] if args.calib_data else [])
+    if args.tflite:
+        _export_litert(args, recipe, task, model, src)
+        return 0
     x = task.example_inputs(args.check_samples)
     out = Path(args.out or src / "model.onnx")
     if args.mode and args.mode not in task.export_modes:
@@ -283,6 +306,40 @@ def _export_openvino_int8(args, recipe, task, onnx_path: Path) -> None:
                   for p in ("fp32", "bf16", "int8")}
         result = compare_onnx(recipe, task, models)
         report = q.with_name(q.stem + ".json")
+        report.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_comparison(result) + f"\n(written to {report})")
+
+
+def _export_litert(args, recipe, task, model, src: Path) -> None:
+    """`export --tflite`: the fp32 LiteRT file checked against PyTorch, with --int8 its full-integer INT8
+    beside it and (unless --no-compare) both evaluated on the val split."""
+    from .deploy.export import describe_parity
+    from .deploy.litert import LiteRTError, LiteRTModel, export_tflite, int8_path, quantize_tflite_int8, refusal
+    for flag, given in (("--openvino-int8", args.openvino_int8), ("--dynamic-batch", args.dynamic_batch),
+                        ("--opset", args.opset is not None)):
+        if given:
+            raise UserError(f"{flag} is for the ONNX export; a LiteRT file (--tflite) takes batch 1 at fixed sides "
+                            "(export ONNX in a separate command)")
+    why = refusal(task)
+    if why:
+        raise LiteRTError(why)
+    out = Path(args.out or src / "model.tflite")
+    x = task.example_inputs(args.check_samples)
+    summary = export_tflite(model, x, out, task, mode=args.mode, threads=args.threads)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, NCHW input {'x'.join(map(str, summary['input_shape']))}), "
+          f"{describe_parity(summary['parity'])} (of {recipe.data.name})")
+    if not args.int8:
+        return
+    calib = task.example_inputs(args.calib_samples)
+    q = quantize_tflite_int8(out, int8_path(out), [calib], threads=args.threads)
+    lite = LiteRTModel(q, threads=args.threads)
+    print(f"wrote {q} ({q.stat().st_size / out.stat().st_size:.2f}x the fp32 size; {lite.io_types()}), calibrated "
+          f"on {len(calib)} training samples of {recipe.data.name}")
+    if args.compare:
+        from .bench.onnx_compare import compare_onnx, format_comparison
+        models = {"litert fp32": LiteRTModel(out, threads=args.threads), "litert int8": lite}
+        result = compare_onnx(recipe, task, models)
+        report = q.with_name(out.stem + ".litert-int8.json")
         report.write_text(json.dumps(result, indent=2) + "\n")
         print(format_comparison(result) + f"\n(written to {report})")
 
@@ -390,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="classification: JSON file (default: print it); "
                    "detection: folder for predictions.json + PNGs (default RUN/predictions)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    s.add_argument("--threads", type=int, help="ONNX Runtime / OpenVINO / LiteRT threads")
     s.add_argument("--annotations", metavar="FILE",
                    help="detection: the COCO instances JSON the images belong to, whose image ids predictions.json "
                    "then carries (default: ROOT/annotations/instances_<split>.json beside images in ROOT/<split>/; "
@@ -417,24 +474,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=50, help="classify: timed batch-1 runs in all (spread over the rounds)")
     s.add_argument("--clip", default="16x224", help="video: FRAMESxSIDE (default 16x224)")
     s.add_argument("--runtimes", nargs="+", choices=["eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8",
-                                                     "ov-fp32", "ov-bf16", "ov-int8"],
+                                                     "ov-fp32", "ov-bf16", "ov-int8", "litert", "litert-int8"],
                    help="runtimes: PyTorch fp32 eager / fused fp32 / bf16 / compiled fp32 / compiled bf16, ONNX "
-                   "Runtime fp32 / INT8, OpenVINO fp32 / bf16 / NNCF INT8 (default: all)")
+                   "Runtime fp32 / INT8, OpenVINO fp32 / bf16 / NNCF INT8, LiteRT fp32 / full-integer INT8 "
+                   "(default: all)")
     s.add_argument("--quick", action="store_true", help="runtimes: small inputs and batches")
     s.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     s.set_defaults(fn=cmd_bench)
 
-    s = sub.add_parser("export", help="ONNX export of a trained run, checked against PyTorch; INT8 quantization")
+    s = sub.add_parser("export", help="ONNX or LiteRT export of a trained run, checked against PyTorch; INT8 "
+                       "quantization")
     s.add_argument("source", help="run directory (config.yaml + model.safetensors)")
     s.add_argument("--format", choices=["onnx"], default="onnx")
-    s.add_argument("--out", help="ONNX file (default RUN/model.onnx)")
+    s.add_argument("--tflite", action="store_true",
+                   help="export a LiteRT (TFLite) file instead of ONNX: RUN/model.tflite, fp32, batch 1, NCHW input "
+                   "(detectors: the raw heads, anchors beside); 2-D models only (needs 'mobilezoo[litert]'; run it "
+                   "with --runtime litert)")
+    s.add_argument("--out", help="ONNX file (default RUN/model.onnx; with --tflite RUN/model.tflite)")
     s.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     s.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
     s.add_argument("--graph", "--detector-mode", dest="mode", metavar="MODE",
                    help="a task's alternative graph; detectors: full (default) = decoding + NMS in the graph, "
                    "raw = heads only, anchors beside")
     s.add_argument("--check-samples", type=int, default=4, help="real samples the parity check runs on")
-    s.add_argument("--int8", action="store_true", help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx")
+    s.add_argument("--int8", action="store_true",
+                   help="also write an INT8 (static, QDQ) model: RUN/model.int8.onnx; with --tflite a full-integer "
+                   "LiteRT model (int8 input and output, int8 ops): RUN/model.int8.tflite")
     s.add_argument("--openvino-int8", action="store_true",
                    help="also write an OpenVINO INT8 model by NNCF: RUN/model.openvino-int8.xml (needs "
                    "'mobilezoo[openvino]'; run it with --runtime openvino --precision int8)")
@@ -442,8 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-samples", type=int, default=64)
     s.add_argument("--no-compare", dest="compare", action="store_false",
                    help="with --int8 / --openvino-int8: skip evaluating fp32 and INT8 on the val split (accuracy "
-                   "and latency change, written to RUN/model.int8.json / model.openvino-int8.json)")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for the comparison")
+                   "and latency change, written to RUN/model.int8.json / model.openvino-int8.json / "
+                   "model.litert-int8.json)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime / LiteRT threads for the checks and the comparison")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("convert", help="an official checkpoint (deeplab2 MOAT, TF OD API MobileDet, SqueezeTime) "

@@ -10,7 +10,8 @@ from mobilezoo.tasks import TASKS
 FIELDS = {"model", "family", "source", "runtime", "input", "batch", "params", "macs", "latency_ms",
           "latency_p90_ms", "throughput", "peak_mem_mb", "gmacs_per_s", "peak_fraction"}
 FAST = dict(quick=True, iters=2, batch_iters=1, rounds=1)
-UNCOMPILED = tuple(rt for rt in br.RUNTIMES if rt not in br.COMPILED)  # compiling costs ~20 s a cell
+# Compiling costs ~20 s a cell, converting to LiteRT ~30 s a model (tests/deploy/test_litert.py has its cells).
+UNCOMPILED = tuple(rt for rt in br.RUNTIMES if rt not in br.COMPILED and rt not in br.LITERT)
 
 
 @pytest.fixture(scope="module")

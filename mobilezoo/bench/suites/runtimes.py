@@ -15,6 +15,10 @@ Runtimes (each model runs in every one that applies):
   ov-fp32, ov-bf16, ov-int8
           OpenVINO on the same ONNX graph with the precision hint set, and on the NNCF INT8 file
           (`quantize_openvino_int8`, calibrated here on random inputs; accuracy: `export --openvino-int8`)
+  litert, litert-int8
+          LiteRT's interpreter (XNNPACK) on the `export_tflite` file (batch 1, run sample by sample) and
+          on its full-integer INT8 (`quantize_tflite_int8`, calibrated here on random inputs; accuracy:
+          `export --tflite --int8`); 3-D models have no LiteRT form and are listed as not run
 Peers run in PyTorch fp32 and bf16 (and compiled, when those runtimes are asked for), as their libraries
 build them: timm:NAME[@SIZE], tv:NAME, monai:SegResNet (see `bench.specs.PEERS`).
 
@@ -45,14 +49,16 @@ from ..stats import latency_ms, median
 from ..threads import num_threads
 from ..timing import matmul_peak_gflops, time_calls
 
-RUNTIMES = ("eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8", "ov-fp32", "ov-bf16", "ov-int8")
+RUNTIMES = ("eager", "fp32", "bf16", "compile", "compile-bf16", "ort", "int8", "ov-fp32", "ov-bf16", "ov-int8",
+            "litert", "litert-int8")
 LABELS = {"eager": "PyTorch fp32 eager", "fp32": "PyTorch fp32", "bf16": "PyTorch bf16",
           "compile": "PyTorch compiled fp32", "compile-bf16": "PyTorch compiled bf16",
           "ort": "ORT fp32", "int8": "ORT INT8", "ov-fp32": "OpenVINO fp32", "ov-bf16": "OpenVINO bf16",
-          "ov-int8": "OpenVINO INT8"}
-LOW_PRECISION = ("bf16", "compile-bf16", "int8", "ov-bf16", "ov-int8")
+          "ov-int8": "OpenVINO INT8", "litert": "LiteRT fp32", "litert-int8": "LiteRT INT8"}
+LOW_PRECISION = ("bf16", "compile-bf16", "int8", "ov-bf16", "ov-int8", "litert-int8")
 OPENVINO = {"ov-fp32": "fp32", "ov-bf16": "bf16", "ov-int8": "int8"}
 COMPILED = {"compile": torch.float32, "compile-bf16": torch.bfloat16}
+LITERT = ("litert", "litert-int8")
 SOURCES = ("mobilezoo", "timm", "tv", "monai")
 SUITE = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0", "ssdlite_mobiledet_cpu",
          "ssdlite_mobiledet_dsp", "ssdlite_mobiledet_edgetpu", "ssdlite_mobiledet_gpu", "squeezetime", "revunet3d"]
@@ -102,6 +108,8 @@ def _cells_for(spec: Spec, runtimes, threads: int, quick: bool, tmp: Path, log, 
         cells += _compiled_cells(spec, model, x1, xb, runtimes, base, log, skipped)
     if {"ort", "int8", *OPENVINO} & set(runtimes):
         cells += _ort_cells(spec, model, shape, batch, runtimes, threads, tmp, base, log, skipped)
+    if set(LITERT) & set(runtimes):
+        cells += _litert_cells(spec, model, shape, batch, runtimes, threads, tmp, base, log, skipped)
     return cells
 
 
@@ -172,6 +180,36 @@ def _ort_cells(spec: Spec, model, shape, batch: int, runtimes, threads: int, tmp
         except Exception as e:  # noqa: BLE001 - OpenVINO missing, or a graph it cannot take: reported
             skipped.append({"model": spec.text, "runtime": rt, "reason": f"OpenVINO: {e}"})
     return cells
+
+
+def _litert_cells(spec: Spec, model, shape, batch: int, runtimes, threads: int, tmp: Path, base: dict, log,
+                  skipped: list) -> list[Cell]:
+    """LiteRT fp32 / INT8 cells on one conversion; a model LiteRT cannot take, or a failed conversion or
+    quantization, is recorded in `skipped`."""
+    from ...deploy.litert import LiteRTModel, export_tflite, quantize_tflite_int8, refusal
+    wanted = [rt for rt in LITERT if rt in runtimes]
+    why = refusal(spec.task_class)
+    if why:
+        skipped += [{"model": spec.text, "runtime": rt, "reason": why} for rt in wanted]
+        return []
+    fp32 = tmp / f"{Path(spec.text).stem}.tflite"
+    log(f"convert {spec.text} to LiteRT")
+    try:
+        export_tflite(model, torch.randn(1, *shape), fp32, spec.task_class, threads=threads)
+    except Exception as e:  # noqa: BLE001 - reported in the table, the other runtimes still run
+        skipped += [{"model": spec.text, "runtime": rt, "reason": f"LiteRT conversion failed: {e}"} for rt in wanted]
+        return []
+    paths = {"litert": fp32}
+    if "litert-int8" in runtimes:
+        log(f"quantize {spec.text} to LiteRT INT8")
+        try:
+            paths["litert-int8"] = quantize_tflite_int8(fp32, tmp / f"{Path(spec.text).stem}.int8.tflite",
+                                                        [torch.randn(4, *shape)], threads=threads)
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"model": spec.text, "runtime": "litert-int8", "reason": f"quantization failed: {e}"})
+    x1, xb = (np.random.randn(b, *shape).astype(np.float32) for b in (1, batch))
+    return [_cell(spec, rt, LiteRTModel(path, threads=threads).run, x1, xb, base)
+            for rt, path in paths.items() if rt in runtimes]
 
 
 def _openvino_model(spec: Spec, onnx_path: Path, precision: str, calibration, threads: int):
