@@ -245,8 +245,8 @@ def test_parity_check_fails_on_an_altered_detector(detector, tmp_path):
 
 def test_user_errors(detector, tmp_path):
     model, images, _, raw = detector
-    with pytest.raises(ExportError, match="task 'segment'"):
-        export_onnx(model, images, tmp_path / "x.onnx", "segment")
+    with pytest.raises(ExportError, match="task 'segment2d'"):
+        export_onnx(model, images, tmp_path / "x.onnx", "segment2d")
     with pytest.raises(ExportError, match="takes one sample at a time"):
         export_onnx(model, images, tmp_path / "x.onnx", "detect", dynamic_batch=True)
     with pytest.raises(ExportError, match="detector mode must be 'full' or 'raw', got 'boxes'"):
