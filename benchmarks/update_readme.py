@@ -28,8 +28,9 @@ def _moat(result: dict) -> str:
 
 
 def _runtimes(result: dict) -> str:
-    from mobilezoo.bench.suites.runtimes import format_markdown
-    return format_markdown(result)
+    from mobilezoo.bench.suites.runtimes import format_markdown, summarize
+    # The summary is recomputed from the rows, so results written before a summary column existed show it too.
+    return format_markdown({**result, "summary": summarize(result["rows"])})
 
 
 def _detectors(rows: list) -> str:
