@@ -1,4 +1,6 @@
 """Shared fixture: tiny synthetic class-per-folder image sets (ROOT/train/<class>/*.png, ROOT/val/...)."""
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +37,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process without the interpreter's teardown: after a full run, the native runtimes
+    loaded in one process (LiteRT's converter with JAX, OpenVINO, ONNX Runtime) crash in their exit
+    handlers (SIGSEGV after every test has passed), which would turn a green run into exit code 139."""
+    if os.environ.get("MOBILEZOO_NO_FAST_EXIT"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(getattr(config, "_mobilezoo_exitstatus", 0))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Keep pytest's exit status for `pytest_unconfigure`'s fast exit."""
+    session.config._mobilezoo_exitstatus = int(exitstatus)
