@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mobilezoo"
-TASK_NAMES = ("classify", "detect", "video", "segment3d")
+TASK_NAMES = ("classify", "detect", "video", "segment3d", "segment")
 # Each package may import only those listed (errors and recipes are leaves everyone may use).
 ALLOWED = {
     "layers": set(),

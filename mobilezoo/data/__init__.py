@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-EMBEDDED = ("digits", "shapes", "brats-phantom", "motion")  # modules here (name with _ for -) with an `ensure()`
+# modules here (name with _ for -) with an `ensure()`
+EMBEDDED = ("digits", "shapes", "shapes-seg", "brats-phantom", "motion")
 
 
 def cache_dir() -> Path:

@@ -36,6 +36,7 @@ EMPTY_EVERY = 20  # images i with i % 20 == 7 have no shapes (5%)
 CROWD_EVERY = 16  # val images i with i % 16 == 5 hold a crowd (about 6%)
 MIN_VISIBLE = 0.6
 MIN_CONTRAST = 110.0  # RGB distance between a shape and the background under it
+CROWD = -2  # in make_image's map of shapes: a pixel of the crowd's small shapes
 
 
 def _unit_polygons() -> dict[str, np.ndarray]:
@@ -144,7 +145,7 @@ def _box(m: np.ndarray) -> list[float]:
 
 def make_image(index: int, split: str) -> tuple[np.ndarray, list[dict], np.ndarray]:
     """One uint8 (S, S, 3) image, its annotations (without ids) and the map of which shape each
-    pixel shows (-1: background or crowd), drawn from its own seed."""
+    pixel shows (-1: background, CROWD: a pixel of the crowd), drawn from its own seed."""
     rng = np.random.default_rng([SEED, 0 if split == "train" else 1, index])
     img = _background(rng)
     names = list(CATEGORIES.values())
@@ -172,6 +173,7 @@ def make_image(index: int, split: str) -> tuple[np.ndarray, list[dict], np.ndarr
             crowd[y: y + s, x: x + s] |= m
         anns.append({"category_id": cat_of[name], "bbox": _box(crowd), "area": float(crowd.sum()),
                      "iscrowd": 1})
+        owner[crowd] = CROWD  # its class is that of the crowd annotation (the first)
         forbid = np.zeros((SIZE, SIZE), bool)
         x, y, w, h = (int(v) for v in anns[0]["bbox"])
         forbid[y: y + h, x: x + w] = True

@@ -1,5 +1,5 @@
 """Model families; importing this registers every model (here and in timm)."""
-from . import moat, mobiledet, revunet3d, squeezetime, ssdlite  # noqa: F401  (registers the models)
+from . import deeplabv3plus, moat, mobiledet, revunet3d, squeezetime, ssdlite  # noqa: F401  (registers the models)
 from .registry import UnknownModelError, create_model, get_entry, list_models
 from .weights import CheckpointError, load_weights, save_weights
 

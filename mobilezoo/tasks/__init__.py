@@ -14,7 +14,8 @@ from .base import Task
 # name -> (module, class): each task's module (and what it imports, e.g. MONAI for segment3d) loads
 # when the task is first used, not with every command.
 _TASK_CLASSES = {"classify": ("classification", "ClassificationTask"), "detect": ("detection", "DetectionTask"),
-                 "segment3d": ("segmentation3d", "Segmentation3DTask"), "video": ("video", "VideoTask")}
+                 "segment3d": ("segmentation3d", "Segmentation3DTask"), "video": ("video", "VideoTask"),
+                 "segment": ("segmentation", "SegmentationTask")}
 
 
 class _Tasks(Mapping):
