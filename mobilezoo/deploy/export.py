@@ -178,16 +178,20 @@ def check_onnx(model: nn.Module, path: str | Path, inputs, task, *, atol: float 
                threads: int | None = None) -> dict:
     """Compare the ONNX file with the torch model on `inputs` (a batch of the task's data) as the task
     judges it (`Task.check_parity`); raise ParityError past the tolerances, else return the numbers."""
-    cls, path = task_class(task), Path(path)
-    x = _as_tensor(inputs)
-    onnx = OrtModel(path, threads=threads)
-    if onnx.task not in (None, cls.name):
-        raise ParityError(f"{path}: exported for task {onnx.task!r}, checked as {cls.name!r}")
+    return check_exported(model, OrtModel(path, threads=threads), inputs, task, atol=atol, rtol=rtol)
+
+
+def check_exported(model: nn.Module, exported, inputs, task, *, atol: float = 1e-4, rtol: float = 1e-6) -> dict:
+    """An opened export (ONNX Runtime, OpenVINO, LiteRT runner) against the torch model on `inputs`,
+    as the task judges it; ParityError past the tolerances or for a file of another task."""
+    cls = task_class(task)
+    if exported.task not in (None, cls.name):
+        raise ParityError(f"{exported.path}: exported for task {exported.task!r}, checked as {cls.name!r}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return cls.check_parity(model, onnx, x.to(_model_device(model)), atol, rtol)
+            return cls.check_parity(model, exported, _as_tensor(inputs).to(_model_device(model)), atol, rtol)
     finally:
         model.train(was_training)
 

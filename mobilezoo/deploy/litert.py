@@ -153,20 +153,8 @@ def export_tflite(model: nn.Module, example_inputs, path: str | Path, task, mode
 def check_tflite(model: nn.Module, path: str | Path, inputs, task, *, atol: float = 1e-4, rtol: float = 1e-6,
                  threads: int | None = None) -> dict:
     """The LiteRT file against the torch model on `inputs`, as the task judges it (`Task.check_parity`)."""
-    from ..errors import ParityError
-    from .export import _as_tensor, _model_device, task_class
-    cls, path = task_class(task), Path(path)
-    x = _as_tensor(inputs)
-    lite = LiteRTModel(path, threads=threads)
-    if lite.task not in (None, cls.name):
-        raise ParityError(f"{path}: exported for task {lite.task!r}, checked as {cls.name!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return cls.check_parity(model, lite, x.to(_model_device(model)), atol, rtol)
-    finally:
-        model.train(was_training)
+    from .export import check_exported
+    return check_exported(model, LiteRTModel(path, threads=threads), inputs, task, atol=atol, rtol=rtol)
 
 
 def _samples(batches: Iterable) -> list[np.ndarray]:
