@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mobilezoo demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,10 @@ def _add_recipe_flags(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--ema", type=float, metavar="DECAY", help="EMA of weights (0 = off)")
         p.add_argument("--out", help="run directory to write")
         p.add_argument("--arch", help="detection: a MobileDet architecture JSON (e.g. from `mobilezoo search`)")
+        p.add_argument("--qat", action="store_true",
+                       help="quantization-aware training (train.qat): train through the fake INT8 weights and "
+                       "activations of `export --tflite --int8`; to fine-tune a trained run, add "
+                       "--set model.checkpoint=RUN/model.safetensors")
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -61,6 +66,8 @@ def _overrides(args) -> list[str]:
            if getattr(args, flag, None) is not None and not (exported and flag == "precision")]
     if getattr(args, "skip_bad_samples", False):
         out.append("data.skip_bad_samples=true")
+    if getattr(args, "qat", False):
+        out.append("train.qat=true")
     if getattr(args, "arch", None):
         _check_arch(args.arch)
         out += ['model.name="ssdlite_mobiledet"', f"model.args.arch={json.dumps(str(args.arch))}"]
@@ -403,13 +410,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Deferred(str):
+    """A help text made only when help is printed: `make()` may import what a parser built for every
+    command should not (the task modules, and with them MONAI)."""
+
+    def __new__(cls, make):
+        self = super().__new__(cls, "(shown with --help)")
+        self.make = make
+        return self
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, making `_Deferred` help texts when it prints them (and only then: newer
+    argparse versions expand every help text once when the argument is added)."""
+
+    def _format_action(self, action) -> str:
+        if isinstance(action.help, _Deferred):
+            action = copy.copy(action)
+            action.help = action.help.make().replace("%", "%%")
+        return super()._format_action(action)
+
+
+def _predict_out_help() -> str:
+    """What `predict --out` is for each task of the registry: a folder of files, or a JSON file."""
+    from .tasks import TASKS
+    folder = [n for n in TASKS if TASKS[n].predicts_into_folder]
+    single = [n for n in TASKS if n not in folder]
+    return (f"{', '.join(folder)}: the folder the predicted files go to (default RUN/predictions); "
+            f"{', '.join(single)}: a JSON file (default: print it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    from .demo import DEMOS
+    from .tasks import TASKS
     p = argparse.ArgumentParser(prog="mobilezoo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("list", help="list registered models")
-    s.add_argument("--task", help="only models of this task (classify, ...)")
+    s.add_argument("--task", help=f"only models of this task ({', '.join(TASKS)})")
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("info", help="parameters, MACs and output shapes of a model")
@@ -439,13 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(s, training=False)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders")
+    s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders",
+                       formatter_class=_HelpFormatter)
     s.add_argument("run", help="run directory")
     s.add_argument("inputs", nargs="+", help="image files or folders")
     s.add_argument("--topk", type=int, help="classification, video: labels per input (default 5)")
     s.add_argument("--score-thresh", type=float, help="detection: lowest score drawn/kept (default 0.3)")
-    s.add_argument("--out", help="classification: JSON file (default: print it); "
-                   "detection: folder for predictions.json + PNGs (default RUN/predictions)")
+    s.add_argument("--out", help=_Deferred(_predict_out_help))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=int, help="ONNX Runtime / OpenVINO / LiteRT threads")
     s.add_argument("--annotations", metavar="FILE",
@@ -557,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="every task on its embedded data: train, evaluate, predict, export, time")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--task", action="append", help="only this task (repeatable): classify, detect, segment3d, video")
+    s.add_argument("--task", action="append", help=f"only this task (repeatable): {', '.join(DEMOS)}")
     s.add_argument("--quick", action="store_true", help="a few epochs on a subset (seconds)")
     s.set_defaults(fn=cmd_demo)
     return p

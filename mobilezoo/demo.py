@@ -2,7 +2,8 @@
 
 Per task: train (a demo-sized recipe), evaluate, predict on val samples (the run's own report
 figures: confusion matrix, detections, segmentation overlays, labelled clips), export to ONNX
-with a parity check, quantize to INT8 and evaluate both ONNX files on the val split, and time
+with a parity check, quantize to INT8 and evaluate both ONNX files on the val split (and, with
+the extras installed, OpenVINO's NNCF INT8 and LiteRT's full-integer INT8 files), and time
 batch-1 inference with each runtime. Writes `OUT/report.md`,
 `OUT/report.html`, `OUT/latency.png` and one run directory per task.
 """
@@ -57,8 +58,8 @@ DEMOS: dict[str, DemoTask] = {
 def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path,
             runs: int) -> tuple[list[dict], dict]:
     """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime fp32 and INT8 after
-    an export whose parity with PyTorch is checked on a real sample; both ONNX files are also
-    evaluated on the val split (the INT8 accuracy change). Returns (rows, export summary)."""
+    an export whose parity with PyTorch is checked on a real sample, OpenVINO and LiteRT where installed;
+    every INT8 file is also evaluated on the val split (its accuracy change). Returns (rows, export summary)."""
     from .bench.onnx_compare import compare_onnx
     from .bench.timing import batch1_latency_ms
     from .deploy.export import export_onnx
@@ -76,11 +77,13 @@ def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, .
     summary = export_onnx(model, task.example_inputs(1), onnx_path, task, mode=task.int8_mode)
     calib = task.example_inputs(8 if runs < 10 else 64)
     quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
-    files = {"fp32": onnx_path, "int8": int8_path, **_openvino_models(task, onnx_path, calib)}
-    # OpenVINO fp32 and bf16 compute what the fp32 file does (the tests hold them to it): timed only.
-    compared = compare_onnx(recipe, task, files, runs=runs, timed_only=("OpenVINO fp32", "OpenVINO bf16"))
+    files = {"fp32": onnx_path, "int8": int8_path, **_openvino_models(task, onnx_path, calib),
+             **_litert_models(task, model, run_dir / "model.tflite", calib)}
+    # OpenVINO fp32 / bf16 and LiteRT fp32 compute what the fp32 file does (parity checked): timed only.
+    compared = compare_onnx(recipe, task, files, runs=runs,
+                            timed_only=("OpenVINO fp32", "OpenVINO bf16", "LiteRT fp32"))
     for label, r in compared["rows"].items():
-        runtime = label if label.startswith("OpenVINO") else f"ONNX Runtime {label}"
+        runtime = label if label.startswith(("OpenVINO", "LiteRT")) else f"ONNX Runtime {label}"
         rows.append({"task": name, "runtime": runtime, "ms": r["latency_ms"], f"val_{compared['metric']}": r["metric"]})
     return rows, {"parity": summary.get("parity"), "int8": compared}
 
@@ -99,15 +102,33 @@ def _openvino_models(task, onnx_path: Path, calib: torch.Tensor) -> dict:
     return {f"OpenVINO {p}": OpenVinoModel(q if p == "int8" else onnx_path, p) for p in ("fp32", "bf16", "int8")}
 
 
-def _openvino_sentence(compared: dict) -> list[str]:
-    """The OpenVINO INT8 file's accuracy and speed, as one sentence (none without OpenVINO)."""
-    ov = compared["rows"].get("OpenVINO int8")
-    if ov is None:
+def _litert_models(task, model: torch.nn.Module, path: Path, calib: torch.Tensor) -> dict:
+    """LiteRT fp32 (parity checked) and its full-integer INT8 file, when the litert extra is installed
+    and the task's models have a LiteRT form (2-D ones)."""
+    from .deploy import litert
+    try:
+        import ai_edge_litert  # noqa: F401
+        import ai_edge_quantizer  # noqa: F401
+        import litert_torch  # noqa: F401
+    except ImportError:
+        return {}
+    if litert.refusal(task):
+        return {}
+    from .deploy.quantize import split_for_calibration
+    litert.export_tflite(model, task.example_inputs(1), path, task, threads=torch.get_num_threads())
+    q = litert.quantize_tflite_int8(path, litert.int8_path(path), split_for_calibration(calib))
+    return {"LiteRT fp32": litert.LiteRTModel(path), "LiteRT int8": litert.LiteRTModel(q)}
+
+
+def _low_precision_sentence(compared: dict, label: str, what: str) -> list[str]:
+    """An INT8 file's accuracy and speed against its runtime's fp32, as one sentence (none when absent)."""
+    q = compared["rows"].get(f"{label} int8")
+    if q is None:
         return []
-    fp32 = compared["rows"]["OpenVINO fp32"]["latency_ms"]
-    return [f"OpenVINO INT8 (NNCF, `model.openvino-int8.xml`): {compared['metric']} {ov['metric']:.4f}, change "
-            f"{compared['change']['OpenVINO int8']:+.4f} vs the fp32 file; batch-1 {fp32 / ov['latency_ms']:.2f}x "
-            f"OpenVINO fp32's speed ({compared['rows']['OpenVINO bf16']['latency_ms']:.1f} ms in bf16)."]
+    fp32 = compared["rows"][f"{label} fp32"]["latency_ms"]
+    return [f"{label} INT8 ({what}): {compared['metric']} {q['metric']:.4f}, change "
+            f"{compared['change'][f'{label} int8']:+.4f} vs the fp32 file; batch-1 {fp32 / q['latency_ms']:.2f}x "
+            f"{label} fp32's speed."]
 
 
 def _embed_run_report(run: str, run_dir: Path) -> list[str]:
@@ -186,7 +207,8 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
                   f"{int8['rows']['fp32']['metric']:.4f} (fp32) -> {int8['rows']['int8']['metric']:.4f} (INT8), "
                   f"change {int8['change']['int8']:+.4f}; batch-1 {int8['speedup']['int8']:.2f}x the fp32 speed, "
                   f"{int8['rows']['int8']['size_mb'] / int8['rows']['fp32']['size_mb']:.2f}x the size.",
-                  *_openvino_sentence(int8), ""]
+                  *_low_precision_sentence(int8, "OpenVINO", "NNCF, `model.openvino-int8.xml`"),
+                  *_low_precision_sentence(int8, "LiteRT", "full-integer, `model.int8.tflite`"), ""]
         print(f"demo {name}: {task.summary(metrics)} ({seconds:.0f} s)")
     _latency_chart(latency, out / "latency.png")
     lines += ["## Latency", "", "![batch-1 latency per runtime](latency.png)", "",

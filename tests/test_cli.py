@@ -1,6 +1,7 @@
 """The `mobilezoo` command, run in-process through `main` (plus one real console-script process)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,17 @@ def test_subcommand_help(capsys, cmd):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: mobilezoo {cmd}")
     assert "--help" in out
+
+
+@pytest.mark.parametrize("cmd, registry", [("list", "tasks"), ("predict", "tasks"), ("demo", "demos")])
+def test_help_lists_every_task_of_its_registry(capsys, cmd, registry):
+    from mobilezoo.demo import DEMOS
+    from mobilezoo.tasks import TASKS
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    words = set(re.findall(r"[\w-]+", capsys.readouterr().out))
+    names = TASKS if registry == "tasks" else DEMOS
+    assert set(names) <= words, set(names) - words
 
 
 def test_list_classify(capsys):

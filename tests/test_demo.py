@@ -31,6 +31,12 @@ def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     assert ov["count"] == 128 and int8["rows"]["OpenVINO bf16"]["metric"] is None
     assert f"OpenVINO INT8 (NNCF, `model.openvino-int8.xml`): top1 {ov['metric']:.4f}" in report
     assert (run / "model.openvino-int8.xml").is_file()
+    # LiteRT (installed by make): fp32 timed, its full-integer INT8 file evaluated
+    assert {"LiteRT fp32", "LiteRT int8"} <= set(results["classify"]["latency_ms"])
+    lite = int8["rows"]["LiteRT int8"]
+    assert lite["count"] == 128 and int8["rows"]["LiteRT fp32"]["metric"] is None
+    assert f"LiteRT INT8 (full-integer, `model.int8.tflite`): top1 {lite['metric']:.4f}" in report
+    assert (run / "model.tflite").is_file() and (run / "model.int8.tflite").is_file()
     onnx_line = next(ln for ln in report.splitlines() if ln.startswith("ONNX export"))
     parity = results["classify"]["onnx_parity"]
     assert "{" not in onnx_line and "passed" in onnx_line  # a sentence, not a printed dict

@@ -117,13 +117,14 @@ def quantize_openvino_int8(onnx_path: str | Path, out_path: str | Path, calibrat
         n = fixed.get_length()
         batches = [b[i:i + n] for b in batches for i in range(0, len(b), n) if len(b[i:i + n]) == n]
     options = options or {}
-    kwargs = {"subset_size": sum(len(b) for b in batches)}
+    # NNCF counts dataset items, here batches (of several samples where the graph takes any batch): all of them
+    kwargs = {"subset_size": len(batches)}
     if options.get("model_type") == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if options.get("ignored_types"):
         kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(options["ignored_types"]), validate=False)
     quantized = nncf.quantize(model, nncf.Dataset(batches), **kwargs)
-    settings = {"tool": "nncf", **options, "calibration_samples": kwargs["subset_size"], "source": src.name}
+    settings = {"tool": "nncf", **options, "calibration_samples": sum(len(b) for b in batches), "source": src.name}
     quantized.set_rt_info(json.dumps({**meta, META_QUANTIZATION: json.dumps(settings)}), RT_INFO_KEY)
     out.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(out), compress_to_fp16=False)

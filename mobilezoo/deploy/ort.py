@@ -97,11 +97,22 @@ class OrtModel:
         b = self.input_shape[0] if self.input_shape else None
         return b if isinstance(b, int) and b > 0 else None
 
+    def _check_sample_shape(self, shape: tuple[int, ...]) -> None:
+        """A one-line error for samples of another shape than the graph's fixed sides (the runtime's own
+        message is a multi-line internal error): e.g. a run evaluated at another size than it was exported."""
+        want = self.input_shape[1:]
+        if len(want) == len(shape) and all(not isinstance(w, int) or w <= 0 or w == s for w, s in zip(want, shape)):
+            return
+        side = "x".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in want)
+        raise OnnxModelError(f"{self.path}: the graph takes samples of {side}, got {'x'.join(map(str, shape))}; "
+                             "export it again for this input size")
+
     def run(self, x: np.ndarray | torch.Tensor) -> list[np.ndarray]:
         """Raw session outputs for a batch; a graph with a fixed batch size runs it in chunks of that size."""
         if isinstance(x, torch.Tensor):
             x = x.detach().to("cpu", torch.float32).contiguous().numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
+        self._check_sample_shape(x.shape[1:])
         fixed = self._fixed_batch()
         if fixed is None or x.shape[0] == fixed:
             return self.session.run(None, {self.input_name: x})

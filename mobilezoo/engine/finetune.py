@@ -1,14 +1,17 @@
 """Fine-tuning from pretrained weights: the file's metadata into the recipe, and a frozen backbone."""
 from __future__ import annotations
 
+import inspect
 import json
 
 from torch import nn
 
 from ..errors import UserError
+from ..models.registry import get_entry, list_models
 from ..models.weights import (
     META_BN_STATS,
     META_MEAN,
+    META_MODEL,
     META_MODEL_ARGS,
     META_SOURCE,
     META_STD,
@@ -35,20 +38,38 @@ def _json(meta: dict, key: str, path: str, kind: type):
 
 
 def apply_checkpoint_metadata(recipe: Recipe) -> tuple[list[str], bool]:
-    """Fill in what `model.checkpoint`'s metadata says and the recipe leaves open: data.mean and
-    data.std, model.source, model.args (merged, the recipe's values win) and, for a file without
-    BatchNorm statistics, train.bn_recalibrate. Returns (lines for the user, statistics missing)."""
-    path = recipe.model.checkpoint
+    """Fill in what the metadata of `model.checkpoint` (or `model.backbone_checkpoint`) says and the
+    recipe leaves open: data.mean and data.std, model.source, the model's arguments (merged, the
+    recipe's values win; a backbone file's go into `model.args.backbone_args`, its model name into
+    `model.args.backbone`) and, for a file without BatchNorm statistics, train.bn_recalibrate.
+    Returns (lines for the user, statistics missing)."""
+    model, data = recipe.model, recipe.data
+    if model.checkpoint and model.backbone_checkpoint:
+        raise UserError("model.checkpoint and model.backbone_checkpoint are both set: give the whole model's "
+                        "weights or its backbone's, not both")
+    path = model.checkpoint or model.backbone_checkpoint
     meta = read_metadata(path) if path else {}
-    data, model = recipe.data, recipe.model
     if META_MEAN in meta and data.mean is None:
         data.mean = _json(meta, META_MEAN, path, list)
     if META_STD in meta and data.std is None:
         data.std = _json(meta, META_STD, path, list)
     if META_SOURCE in meta and model.source is None:
         model.source = meta[META_SOURCE]
-    if META_MODEL_ARGS in meta:
-        model.args = {**_json(meta, META_MODEL_ARGS, path, dict), **model.args}
+    args = _json(meta, META_MODEL_ARGS, path, dict) if META_MODEL_ARGS in meta else {}
+    if model.checkpoint:
+        model.args = {**args, **model.args}
+    elif path:
+        if "backbone" not in inspect.signature(get_entry(model.name).factory).parameters:
+            with_one = [n for n in list_models() if "backbone" in inspect.signature(get_entry(n).factory).parameters]
+            raise UserError(f"model.backbone_checkpoint: {model.name} has no backbone to load it into "
+                            f"(models with one: {', '.join(with_one)})")
+        named = model.args.get("backbone")
+        if META_MODEL in meta and named not in (None, meta[META_MODEL]):
+            raise UserError(f"model.backbone_checkpoint: {path} holds a {meta[META_MODEL]}, but model.args.backbone "
+                            f"is {named}")
+        if META_MODEL in meta:
+            model.args["backbone"] = meta[META_MODEL]
+        model.args["backbone_args"] = {**args, **model.args.get("backbone_args", {})}
     missing = meta.get(META_BN_STATS) == "missing"
     lines = []
     if missing:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ..errors import TrainingDiverged, UserError
-from ..models.weights import load_pretrained
+from ..models.weights import load_backbone, load_pretrained
 from ..recipes import Recipe
 from .batchnorm import one_sample_batchnorm, recalibrate_bn
 from .checkpoint import (
@@ -38,6 +38,7 @@ from .distributed import (
 )
 from .finetune import FrozenBackbone, apply_checkpoint_metadata
 from .optim import build_optimizer, build_scheduler
+from .qat import FakeQuantizer, check_qat
 
 
 def resolve_device(name: str) -> torch.device:
@@ -209,6 +210,8 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
 
     `stop_after` ends this invocation after that many epochs, leaving a resumable run."""
     device = resolve_device(recipe.train.device)
+    if recipe.train.qat:
+        check_qat(recipe, task)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     ctx = Context(device, recipe.train.precision, init_distributed(device), recipe.train.channels_last)
@@ -227,7 +230,8 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
     random.seed(recipe.train.seed)
 
     bn_missing = False
-    if recipe.model.checkpoint and not resume:  # a resumed run's config.yaml already holds it
+    pretrained = recipe.model.checkpoint or recipe.model.backbone_checkpoint
+    if pretrained and not resume:  # a resumed run's config.yaml already holds it
         notes, bn_missing = apply_checkpoint_metadata(recipe)
         for note in notes:
             _log(ctx, note)
@@ -237,9 +241,13 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         reset = load_pretrained(model, recipe.model.checkpoint)
         if reset is not None:
             _log(ctx, str(reset))
+    if recipe.model.backbone_checkpoint and not resume:
+        _log(ctx, load_backbone(model, recipe.model.backbone_checkpoint))
     model = ctx.prepare(model)
     if world > 1:
         model = convert_sync_batchnorm(model, device)
+    # Quantization-aware training: hooks that keep the state_dict as it is (see engine/qat.py).
+    qat = FakeQuantizer(model, recipe.train.qat_freeze_bn) if recipe.train.qat else None
     freezer = FrozenBackbone(model, recipe.optim.freeze_backbone_epochs)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.train.ema_decay),
                          use_buffers=True) if recipe.train.ema_decay > 0 else None)
@@ -269,6 +277,8 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         # The checkpoint carries the records of its epochs: a run killed after a checkpoint but
         # before its metrics line got out loses no line.
         history = state["extra"].get("history") or _read_history(run_dir)[: start_epoch]
+        if qat is not None:
+            qat.load_state_dict(state["extra"].get("qat", {}))
     if ctx.dist.is_main:
         _write_history(run_dir, history)
         recipe.save(run_dir / "config.yaml")
@@ -280,6 +290,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         # A frozen backbone normalises with its running statistics, so they must exist before the head trains.
         recalibrate_bn(model, calib_loader, recipe.train.bn_recalibrate, task, ctx)
     eval_model = ema.module if ema is not None else model
+    fake = " (fake-quantized INT8)" if qat is not None else ""
     metrics: dict = history[-1] if history else {}
     t_start = time.time()
     last_epoch = recipe.train.epochs if stop_after is None else min(recipe.train.epochs,
@@ -292,6 +303,9 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
             train_model = DistributedDataParallel(model, device_ids=ids)
         train_model.train()
         freezer.eval_batchnorms()
+        if qat is not None:
+            qat.set_epoch(epoch)
+            qat.eval_batchnorms()
         t0, seen, loss_sum, skipped = time.time(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
                    disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
@@ -332,27 +346,33 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
         if (epoch + 1) % recipe.train.eval_every == 0 or epoch + 1 == recipe.train.epochs:
             if calib_loader is not None:
                 recalibrate_bn(eval_model, calib_loader, recipe.train.bn_recalibrate, task, ctx,
-                               keep=freezer.kept_batchnorms())
+                               keep=freezer.kept_batchnorms() + (qat.kept_batchnorms() if qat else []))
             metrics = evaluate(eval_model, val_loader, task, ctx)
             record.update({f"val_{k}": v for k, v in metrics.items() if not isinstance(v, list)})
+            if qat is not None:
+                record["val_fake_int8"] = True  # the val metrics are the fake-quantized model's
         history.append(record)
         if ctx.dist.is_main:
-            save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema, {"history": history})
+            save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, step, ema,
+                            {"history": history, **({"qat": qat.state_dict()} if qat else {})})
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             n_bad = record["train_skipped"]
             skipped_note = f", skipped {n_bad} bad samples" if n_bad else ""
             _log(ctx, f"epoch {epoch + 1}/{recipe.train.epochs}: loss {record['train_loss']:.4f}, "
                       f"{record['samples_per_s']:.1f} samples/s{skipped_note}"
-                      + (f", val {task.summary(metrics)}" if "val_skipped" in record else ""))
+                      + (f", val {task.summary(metrics)}{fake}" if "val_skipped" in record else ""))
     if is_distributed():
         torch.distributed.barrier()
     if ctx.dist.is_main and last_epoch == recipe.train.epochs:
         lines = task.report(run_dir, metrics, history)
+        if qat is not None:
+            lines += ["", "Trained with quantization-aware training (`train.qat`): the val metrics are those of the "
+                          "fake-quantized INT8 model (`mobilezoo export RUN --tflite --int8` measures the file)."]
         from .report import write_report
         write_report(run_dir, recipe, history, lines)
         _log(ctx, f"done: {recipe.train.epochs} epochs ({time.time() - t_start:.0f} s this run), "
-                  f"val {task.summary(metrics)}; run directory {run_dir}")
+                  f"val {task.summary(metrics)}{fake}; run directory {run_dir}")
     return metrics
 
 

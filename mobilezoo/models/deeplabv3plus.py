@@ -86,7 +86,8 @@ class DeepLabV3Plus(nn.Module):
 
 def deeplabv3plus(backbone: str = "tiny_moat_0", num_classes: int = 150, backbone_args: dict | None = None,
                   window_size=None, **kwargs) -> DeepLabV3Plus:
-    """DeepLabv3+ on the stride-4 and deepest maps of a registered `features_only` backbone; a MOAT
+    """DeepLabv3+ on the stride-4 and deepest maps of a registered `features_only` backbone (tiny-MOAT,
+    MOAT, the MobileDet backbones `mobiledet_cpu` etc.); a MOAT
     backbone takes `window_size` per stage (default global attention in stages 3 and 4, MOAT's
     ADE20K setting; windows are padded where a map does not divide)."""
     from .registry import create_model
@@ -94,7 +95,13 @@ def deeplabv3plus(backbone: str = "tiny_moat_0", num_classes: int = 150, backbon
     args = {"window_size": window_size} if backbone.startswith(("moat", "tiny_moat")) else {}
     if window_size is not None and not args:
         raise UserError(f"window_size: {backbone} has no window attention (a MOAT option)")
-    net = create_model(backbone, features_only=True, **{**args, **(backbone_args or {})})
+    args = {**args, **(backbone_args or {})}
+    net = create_model(backbone, features_only=True, **args)
+    info = net.feature_info
+    stride4 = [i for i, f in enumerate(info) if f["reduction"] == 4]
+    if "out_indices" not in args and stride4 and 4 not in [m["reduction"] for m in returned_maps(net)]:
+        # e.g. a MobileDet backbone, which returns SSDLite's strides 16 and 32 unless asked for others
+        net = create_model(backbone, features_only=True, **args, out_indices=(stride4[-1], len(info) - 1))
     return DeepLabV3Plus(net, num_classes, **kwargs)
 
 

@@ -177,10 +177,12 @@ def init_tf_he_normal(m: nn.Module) -> None:
 
 
 class MobileDetBackbone(nn.Module):
-    """Stem + mobile blocks from an architecture list; returns the [C4, C5] feature maps."""
+    """Stem + mobile blocks from an architecture list; returns the maps of `feature_info` at `out_indices`
+    (timm's convention): the last layer at each stride 2, 4, 8, 16, 32; by default [C4, C5] (strides
+    16 and 32), SSDLite's inputs."""
 
     def __init__(self, arch="cpu", in_chans: int = 3, multiplier: float = 1.0, bn_eps: float = 0.01,
-                 bn_momentum: float = 0.01, padding: str = "same"):
+                 bn_momentum: float = 0.01, padding: str = "same", out_indices=(3, 4)):
         super().__init__()
         self.arch = load_arch(arch)
         norm = get_norm("batch", eps=bn_eps, momentum=bn_momentum)
@@ -198,17 +200,25 @@ class MobileDetBackbone(nn.Module):
                                           padding))
             c = out
         self.layers = nn.ModuleList(layers)
-        self.c4, self.c5 = endpoints(self.arch)
-        widths = [scale_filters(s["out"], multiplier) for s in self.arch]
-        self.feature_info = [dict(num_chs=widths[self.c4], reduction=16, module=f"layers.{self.c4}"),
-                             dict(num_chs=widths[self.c5], reduction=32, module=f"layers.{self.c5}")]
+        endpoints(self.arch)  # checks that it reaches strides 16 and 32
+        last, stride = {}, 1
+        for i, spec in enumerate(self.arch):
+            stride *= spec["stride"]
+            last[stride] = i
+        self.feature_info = [dict(num_chs=scale_filters(self.arch[i]["out"], multiplier), reduction=r,
+                                  module=f"layers.{i}") for r, i in last.items() if r > 1]
+        if not all(isinstance(i, int) and 0 <= i < len(self.feature_info) for i in out_indices):
+            raise UserError(f"out_indices: expected indices of the maps at strides "
+                            f"{', '.join(str(f['reduction']) for f in self.feature_info)}; got {list(out_indices)}")
+        self.out_indices = tuple(sorted(out_indices))
+        self._taps = [last[self.feature_info[i]["reduction"]] for i in self.out_indices]
         self.apply(init_tf_he_normal)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
-            if i in (self.c4, self.c5):
+            if i in self._taps:
                 feats.append(x)
         return feats
 

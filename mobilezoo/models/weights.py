@@ -145,6 +145,25 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, rename: KeyRename
     return reset
 
 
+def load_backbone(model: nn.Module, path: str | os.PathLike) -> str:
+    """A classifier's weights (e.g. a converted ImageNet MOAT) into `model.backbone`, a `features_only`
+    copy of that classifier: every backbone tensor must be in the file with its shape; what the file
+    has beyond the backbone (the classifier's final norm and head) is left out and named in the
+    returned line."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise CheckpointError(f"{path}: model.backbone_checkpoint needs a model with a backbone; "
+                              f"{type(model).__name__} has none (use model.checkpoint)")
+    state, origin = rename_keys(read_state_dict(path), None, path)
+    own = backbone.state_dict()
+    extra = [k for k in state if k not in own]
+    _load_state(backbone, {k: v for k, v in state.items() if k in own}, origin, path, strict=True)
+    prefixes = sorted({k.split(".")[0] for k in extra})
+    left = (f"; left out {len(extra)} tensors of the classifier ({', '.join(p + '.*' for p in prefixes)})"
+            if extra else "")
+    return f"{path}: {len(own)} backbone tensors loaded into {type(backbone).__name__}{left}"
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str],
                 path: str | os.PathLike, strict: bool, fresh: set[str] = frozenset()) -> None:
     """`state` into `model`, every mismatch named in one CheckpointError; keys in `fresh` may be absent."""

@@ -36,6 +36,9 @@ class ModelCfg:
     name: str = "tiny_moat_0"
     args: dict = field(default_factory=dict)
     checkpoint: str | None = None  # weights to start from (safetensors or weights-only .pt)
+    # A classifier's weights for the backbone of a detector or segmenter (e.g. a converted ImageNet MOAT);
+    # its final norm and head are left out, everything else starts fresh.
+    backbone_checkpoint: str | None = None
     source: str | None = None  # the official file `checkpoint` was converted from (filled in from its metadata)
 
 
@@ -88,6 +91,10 @@ class TrainCfg:
     eval_every: int = 1
     threads: int | None = None
     channels_last: bool = True  # NHWC memory: ~1.5x faster convolutions on CPU
+    # Quantization-aware training (`train --qat`, engine/qat.py): train through fake INT8 weights and
+    # activations as `export --tflite --int8` computes them; for fine-tuning a trained run.
+    qat: bool = False
+    qat_freeze_bn: int | None = 1  # with qat: BatchNorm statistics stop moving after this many epochs (null: never)
 
 
 @dataclass
@@ -280,6 +287,8 @@ def _validate(r: Recipe) -> None:
          "in (0, 1] or null"),
         ("optim.freeze_backbone_epochs", r.optim.freeze_backbone_epochs, r.optim.freeze_backbone_epochs >= 0,
          "a non-negative integer"),
+        ("train.qat_freeze_bn", r.train.qat_freeze_bn, r.train.qat_freeze_bn is None or r.train.qat_freeze_bn >= 0,
+         "a non-negative integer or null"),
     ]
     for name, value, ok, expected in checks:
         if not ok:

@@ -84,6 +84,22 @@ def test_every_family_runs_in_pytorch_and_onnx_runtime():
     assert "vs_monai:SegResNet" in next(s for s in result["summary"] if s["model"] == "revunet3d")
 
 
+def test_the_suite_has_a_model_of_every_task():
+    from mobilezoo.models import get_entry
+    assert {get_entry(m).task for m in br.SUITE} == set(TASKS)
+    assert "deeplabv3plus" in br.SUITE and "ssdlite" not in br.SUITE  # SSDLite-tiny-MOAT: `bench detect`
+
+
+@pytest.mark.slow  # exports, three INT8 calibrations and the timing of DeepLabv3+ take ~55 s on 2 cores
+def test_segmenter_runs_in_every_runtime_at_its_fixed_size():
+    # Calibrated at the graph's own size: MOAT's relative-position attention does not export with dynamic sides.
+    result = br.benchmark(["deeplabv3plus"], [], UNCOMPILED, threads=1, **FAST)
+    rows = {r["runtime"]: r for r in result["rows"]}
+    assert result["skipped"] == [] and set(rows) == set(UNCOMPILED)
+    assert rows["int8"]["input"] == list(TASKS["segment"].inputs.quick_shape) and rows["int8"]["family"] == "segment"
+    assert len({r["macs"] for r in rows.values()}) == 1 and rows["eager"]["macs"] > 0
+
+
 def test_the_cli_writes_the_result_as_json(tmp_path):
     out = tmp_path / "runtimes.json"
     assert main(["bench", "runtimes", "tiny_moat_0", "--runtimes", "fp32", "--quick", "--threads", "1",

@@ -20,6 +20,17 @@ def test_compiled_model_matches_eager_and_its_weights_are_frozen():
         assert not torch.allclose(model(x), got)
 
 
+@pytest.mark.slow  # compiling DeepLabv3+ on tiny-MOAT-0 takes ~110 s on 2 cores
+def test_compiled_segmenter_matches_eager():
+    torch.manual_seed(0)
+    model = create_model("deeplabv3plus", num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8,
+                         window_size=(None, None, 2, None)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(compile_for_inference(model)(x), model(x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow  # compiling a detector takes ~23 s on 2 cores: slow, to keep `make test` under 10 minutes
 def test_bf16_copy_of_a_detector_network_leaves_the_model_alone_and_agrees_with_fp32():
     torch.manual_seed(0)
     model = create_model("ssdlite_mobiledet_cpu", num_classes=3).eval()

@@ -52,6 +52,7 @@ def video(tmp_path_factory):
     return model, path, info
 
 
+@pytest.mark.slow  # converting SqueezeTime takes ~15 s on 2 cores: slow, to keep `make test` under 10 minutes
 def test_video_fp32_equals_pytorch_with_nchw_input(video):
     model, path, info = video
     assert info["parity"]["max_abs_diff"] <= ATOL and info["parity"]["samples"] == 2
@@ -123,7 +124,7 @@ def test_runner_is_a_drop_in_for_engine_evaluate(tmp_path, make_image_folder, mo
 
 
 def test_refusals_and_missing_files_are_one_line_errors(tmp_path, capsys):
-    assert refusal("classify") is None and refusal("detect") is None
+    assert refusal("classify") is None and refusal("detect") is None and refusal("segment") is None
     with pytest.raises(LiteRTError, match="depthwise 3-D convolutions have no LiteRT builtin kernel"):
         export_tflite(nn.Identity(), torch.zeros(1, 4, 8, 8, 8), tmp_path / "m.tflite", "segment3d")
     with pytest.raises(LiteRTError, match="'raw' only"):  # NMS has data-dependent shapes: no LiteRT graph
@@ -186,6 +187,24 @@ def test_tiny_moat_fp32_equals_pytorch(tmp_path):
     with torch.no_grad():
         ref = model(digit_images(100, 3, 64))
     assert max_diff(LiteRTModel(tmp_path / "m.tflite", threads=1)(digit_images(100, 3, 64)), ref) <= ATOL
+
+
+@pytest.mark.slow
+def test_segmenter_fp32_equals_pytorch_and_int8_is_full_integer(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(create_model("deeplabv3plus", num_classes=3, aspp_channels=16, decoder_channels=16,
+                                      low_level_channels=8, window_size=(None, None, 2, None)))
+    info = export_tflite(model, torch.randn(2, 3, 64, 64), tmp_path / "m.tflite", "segment", threads=1)
+    assert info["parity"]["max_abs_diff"] <= ATOL and info["input_shape"] == [1, 3, 64, 64]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    got = LiteRTModel(tmp_path / "m.tflite", threads=1)(x)
+    assert got.shape == ref.shape == (2, 3, 64, 64) and max_diff(got, ref) <= ATOL
+    q = quantize_tflite_int8(tmp_path / "m.tflite", int8_path(tmp_path / "m.tflite"), [torch.randn(8, 3, 64, 64)],
+                             threads=1)
+    assert not [name for name, dtypes in _ops(_interpreter(q)) if "float32" in dtypes]  # upsampling included
+    assert LiteRTModel(q, threads=1)(x).shape == ref.shape
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""OpenVINO: fp32 equals PyTorch for one model of each family, bf16 compiles MOAT (the pooling's
+"""OpenVINO: fp32 equals PyTorch for one model of each family and the segmenter, bf16 compiles MOAT (the pooling's
 divisor exported as a constant) and keeps its predictions, NNCF INT8 from the command line."""
 import json
 
@@ -22,6 +22,9 @@ ATOL = 1e-4
     ("squeezetime_mini", "video", (2, 3, 8, 32, 32), {"num_classes": 5, "num_frames": 8}),
     ("revunet3d", "segment3d", (1, 4, 16, 16, 16),
      {"channels": (16, 32), "encoder_blocks": (1, 1), "decoder_blocks": (1,), "expansion": 2}),
+    ("deeplabv3plus", "segment", (2, 3, 64, 64),  # 2x2 attention windows on the 4x4 stride-16 map
+     {"num_classes": 3, "aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8,
+      "window_size": (None, None, 2, None)}),
 ])
 def test_fp32_equals_pytorch(tmp_path, name, task, shape, kwargs):
     torch.manual_seed(0)

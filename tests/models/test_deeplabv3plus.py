@@ -1,5 +1,6 @@
 """DeepLabv3+: logits at the input size, the decoder on the stride-4 map, ASPP rates scaled to the
-deepest map's stride, MOAT window attention passed through, backbones without a stride-4 map refused."""
+deepest map's stride, MOAT window attention passed through, MobileDet backbones asked for their stride-4
+map, backbones without one refused."""
 import pytest
 import timm
 import torch
@@ -9,7 +10,7 @@ import mobilezoo  # noqa: F401  (registers the models with timm)
 from mobilezoo.errors import UserError
 from mobilezoo.layers import RelPosAttention2d
 from mobilezoo.models import create_model, get_entry, load_weights, save_weights
-from mobilezoo.models.deeplabv3plus import DeepLabV3Plus, scaled_rates
+from mobilezoo.models.deeplabv3plus import DeepLabV3Plus, returned_maps, scaled_rates
 from mobilezoo.models.weights import load_pretrained
 
 SMALL = dict(aspp_channels=32, decoder_channels=24, low_level_channels=8)
@@ -93,10 +94,24 @@ def test_registered_through_timm_for_the_segment_task():
     assert isinstance(model, DeepLabV3Plus) and model.num_classes == 4
 
 
+def test_mobiledet_backbone_gives_the_decoder_its_stride_4_map():
+    # A MobileDet backbone returns SSDLite's strides 16 and 32 by default; DeepLabv3+ asks it for 4 and 32.
+    torch.manual_seed(0)
+    model = create_model("deeplabv3plus", backbone="mobiledet_cpu", num_classes=3, aspp_channels=32,
+                         decoder_channels=32).eval()
+    assert [m["reduction"] for m in returned_maps(model.backbone)] == [4, 32]
+    assert model.atrous_rates == (3, 6, 9)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (2, 3)]
+        assert model.low_level[0].in_channels == feats[0].shape[1]
+        assert model(x).shape == (1, 3, 64, 96)
+
+
 def test_backbone_without_a_stride_4_map_is_refused_in_one_line():
-    # MobileDet backbones give only their C4 / C5 maps (strides 16 and 32): no decoder input.
     with pytest.raises(UserError, match=r"strides 16, 32; DeepLabv3\+ needs a stride-4 map") as e:
-        create_model("deeplabv3plus", backbone="mobiledet_cpu", num_classes=3)
+        create_model("deeplabv3plus", backbone="mobiledet_cpu", num_classes=3, backbone_args={"out_indices": (3, 4)})
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="window_size"):
         create_model("deeplabv3plus", backbone="mobiledet_cpu", window_size=(None, None, 4, None))

@@ -429,6 +429,23 @@ def test_feature_map_shapes(variant):
     assert [tuple(f.shape) for f in feats] == [(1, c, *s) for c, s in zip(chans, hw)]
 
 
+def test_backbone_maps_at_every_stride_on_request():
+    # timm's convention: feature_info lists the last layer at each stride; out_indices picks the returned maps.
+    torch.manual_seed(0)
+    backbone = mobilezoo.create_model("mobiledet_cpu").eval()
+    assert [f["reduction"] for f in backbone.feature_info] == [2, 4, 8, 16, 32] and backbone.out_indices == (3, 4)
+    every = mobilezoo.create_model("mobiledet_cpu", out_indices=(0, 1, 2, 3, 4)).eval()
+    every.load_state_dict(backbone.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps, default = every(x), backbone(x)
+    info = every.feature_info
+    assert [(m.shape[1], m.shape[-1]) for m in maps] == [(f["num_chs"], 64 // f["reduction"]) for f in info]
+    assert all(torch.equal(a, b) for a, b in zip(default, maps[3:]))
+    with pytest.raises(UserError, match=r"out_indices: expected indices of the maps at strides 2, 4, 8, 16, 32"):
+        mobilezoo.create_model("mobiledet_cpu", out_indices=(5,))
+
+
 def test_extra_layer_structure():
     # §2.6: 1x1 to d/2 -> depthwise 3x3 s2 -> 1x1 to d, all bias-free + BN + ReLU6
     model = detector("cpu")

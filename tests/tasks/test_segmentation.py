@@ -297,6 +297,28 @@ def test_whole_and_sliding_window_inference_agree_for_a_pointwise_model():
     assert torch.allclose(F.interpolate(fitted, size=(70, 100), mode="bilinear"), whole[None], atol=1e-5)
 
 
+def test_slide_mode_exports_calibrates_and_runs_on_windows(root, tmp_path):
+    from mobilezoo.deploy.export import export_onnx
+    from mobilezoo.deploy.ort import OrtModel
+    from mobilezoo.engine.loop import Context, eval_loader, evaluate
+    whole = _task(root)
+    assert whole.input_shape() == (3, 64, 64) and whole.example_inputs(2).shape == (2, 3, 64, 64)
+    task = _task(root, **{"data.augment.eval_mode": "slide", "data.augment.crop": 32, "data.augment.stride": 24})
+    x = task.example_inputs(3)
+    assert task.input_shape() == (3, 32, 32) and x.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(x, whole.example_inputs(3)[..., :32, :32])  # each image's first window
+    big = _task(root, **{"data.augment.eval_mode": "slide", "data.augment.crop": 80}).example_inputs(1)
+    assert big.shape == (1, 3, 80, 80) and (big[..., 64:, :] == 0).all()  # padded as the sliding window pads
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    export_onnx(model, x, tmp_path / "m.onnx", task, dynamic_batch=True, threads=1)
+    ctx = Context(torch.device("cpu"))
+    loader = eval_loader(task, task.val_dataset(), task.recipe, ctx)
+    ours, theirs = evaluate(model, loader, task, ctx), evaluate(OrtModel(tmp_path / "m.onnx", threads=1), loader,
+                                                                 task, ctx)
+    assert theirs["confusion"] == ours["confusion"] and theirs["pixels"] == ours["pixels"] > 0
+
+
 @pytest.mark.parametrize("options, message", [
     ({"tile": 1}, "unknown option"), ({"eval_mode": "tiles"}, "whole or slide"),
     ({"crop": 32, "stride": 40}, "larger than the window"), ({"scale": [2.0, 1.0]}, "0 < low <= high"),
@@ -326,11 +348,16 @@ def _cli(capsys, *argv):
     return rc, out, err
 
 
+def train_argv(root: Path, run: Path, epochs: int = 1) -> list[str]:
+    """`mobilezoo train` of the small model on a `write_folder` set: 64 px crops of images fitted into 64 px."""
+    return [str(a) for a in ("train", "segment_shapes", "--data", root, "--epochs", epochs, "--img-size", 64,
+                             "--batch-size", 3, "--threads", 1, "--out", run, "--set", f"model.args={SMALL_MODEL}",
+                             "--set", "train.bn_recalibrate=2", "--set", "data.augment.resize=64")]
+
+
 def test_train_eval_predict_export_from_the_command_line(root, tmp_path, capsys):
     run = tmp_path / "run"
-    rc, _, err = _cli(capsys, "train", "segment_shapes", "--data", root, "--epochs", 1, "--img-size", 64,
-                      "--batch-size", 3, "--threads", 1, "--out", run, "--set", f"model.args={SMALL_MODEL}",
-                      "--set", "train.bn_recalibrate=2", "--set", "data.augment.resize=64")
+    rc, _, err = _cli(capsys, *train_argv(root, run))
     assert rc == 0, err
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["val_count"] == 4 and 0 <= record["val_miou"] <= 1 and math.isfinite(record["val_loss"])
@@ -365,11 +392,19 @@ def test_train_eval_predict_export_from_the_command_line(root, tmp_path, capsys)
         assert f"{stem}.png ({w}x{h})" in out
     assert "2 masks and overlays written" in out
 
-    rc, out, err = _cli(capsys, "export", run, "--check-samples", 2)
+    rc, out, err = _cli(capsys, "export", run, "--check-samples", 2, "--int8", "--calib-samples", 4)
     assert rc == 0, err
-    assert "passed" in out and (run / "model.onnx").is_file()
+    assert "passed" in out and (run / "model.onnx").is_file() and (run / "model.int8.onnx").is_file()
+    compared = json.loads((run / "model.int8.json").read_text())  # fp32 and INT8 on the val split
+    assert compared["metric"] == "miou" and compared["rows"]["int8"]["count"] == 4
+    assert compared["rows"]["fp32"]["metric"] == pytest.approx(torch_metrics["miou"], abs=1e-3)
+    assert f"int8: val miou {compared['rows']['int8']['metric']:.4f}" in out
     rc, out, err = _cli(capsys, "eval", run, "--runtime", "onnxruntime", "--json", "--out", tmp_path / "ort")
     assert rc == 0, err
     ort_metrics = json.loads(out)
     assert ort_metrics["miou"] == pytest.approx(torch_metrics["miou"], abs=1e-3)
     assert ort_metrics["pixels"] == torch_metrics["pixels"]
+    # evaluated at another size than exported: one line naming the file and both sizes
+    rc, _, err = _cli(capsys, "eval", run, "--runtime", "onnxruntime", "--set", "data.augment.resize=48")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "model.onnx: the graph takes samples of 3x64x64, got 3x48x48" in err

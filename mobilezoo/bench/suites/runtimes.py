@@ -27,8 +27,10 @@ process RSS high-water mark during the first batch forward; ONNX Runtime runs wi
 here, so its activations are allocated and freed per run as PyTorch's are), achieved GMAC/s (MACs of
 the unfused network x throughput) and its fraction of this machine's fp32 matrix-multiply peak,
 measured in the same run. Each model is timed as its task's `network` (detectors: up to the raw box and
-class outputs, as their INT8 graph is; `mobilezoo bench detect` times them end to end). All cells are
-timed interleaved over the rounds so noise hits every model and runtime alike.
+class outputs, as their INT8 graph is; `mobilezoo bench detect` times them end to end). Models are
+timed one after another, each model's runtimes interleaved over the rounds so that noise hits them
+alike (the low-precision goal compares runtimes of one model); then its cells are freed, so memory
+holds one model's runtimes at a time.
 """
 from __future__ import annotations
 
@@ -60,8 +62,11 @@ OPENVINO = {"ov-fp32": "fp32", "ov-bf16": "bf16", "ov-int8": "int8"}
 COMPILED = {"compile": torch.float32, "compile-bf16": torch.bfloat16}
 LITERT = ("litert", "litert-int8")
 SOURCES = ("mobilezoo", "timm", "tv", "monai")
+# One or more models of every task. SSDLite on tiny-MOAT-0 (`ssdlite`) is timed by `bench detect` (end to
+# end, with the MobileDets) rather than here, where each model costs 2-3 minutes with all its runtimes.
 SUITE = ["tiny_moat_0", "tiny_moat_1", "tiny_moat_2", "tiny_moat_3", "moat_0", "ssdlite_mobiledet_cpu",
-         "ssdlite_mobiledet_dsp", "ssdlite_mobiledet_edgetpu", "ssdlite_mobiledet_gpu", "squeezetime", "revunet3d"]
+         "ssdlite_mobiledet_dsp", "ssdlite_mobiledet_edgetpu", "ssdlite_mobiledet_gpu", "deeplabv3plus", "squeezetime",
+         "revunet3d"]
 SUITE_PEERS = ["timm:efficientnet_b0", "timm:mobilevit_xs@256", "timm:coatnet_0_224",
                "tv:ssdlite320_mobilenet_v3_large", "tv:r2plus1d_18", "monai:SegResNet"]
 GOAL_SPEEDUP = 1.5  # every model's best runtime vs PyTorch fp32 eager, batch-1 latency
@@ -225,33 +230,36 @@ def benchmark(models: Sequence[str], peers: Sequence[str] = (), runtimes: Sequen
               threads: int = 2, quick: bool = False, iters: int = 20, batch_iters: int = 3, rounds: int = 4,
               budget_s: float = 8.0, log: Callable[[str], None] | None = None,
               pause: Callable[[], None] | None = None) -> dict:
-    """Build every (model, runtime) cell, time them interleaved; returns {"meta", "rows", "summary",
-    "skipped"}. Each cell gets `iters` batch-1 and `batch_iters` batch runs (fewer for cells slower
-    than `budget_s` seconds in all, at least 3 and 1) spread over `rounds`."""
+    """Build the (model, runtime) cells of each model in turn and time them interleaved; returns
+    {"meta", "rows", "summary", "skipped"}. Each cell gets `iters` batch-1 and `batch_iters` batch runs
+    (fewer for cells slower than `budget_s` seconds in all, at least 3 and 1) spread over `rounds`."""
     log = log or (lambda msg: None)
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad:
         raise UserError(f"unknown runtime {bad[0]!r}; expected some of {', '.join(RUNTIMES)}")
     specs = parse_specs([*models, *peers], SOURCES)
+    rows, skipped = [], []
     with num_threads(threads), tempfile.TemporaryDirectory(prefix="mobilezoo_bench_") as tmp:
         peak = matmul_peak_gflops()
-        cells, skipped = [], []
+        rounds = max(1, min(rounds, iters, batch_iters))
+        # One model at a time: its runtimes are timed interleaved, then freed. All models at once held
+        # every compiled copy, session and interpreter together (over 20 GiB for the suite).
         for spec in specs:
             log(f"build {spec.text}")
-            new = _cells_for(spec, runtimes, threads, quick, Path(tmp), log, skipped)
-            for c in new:  # first batch forward: memory before any warm-up grows the caches
+            cells = _cells_for(spec, runtimes, threads, quick, Path(tmp), log, skipped)
+            for c in cells:  # first batch forward: memory before any warm-up grows the caches
                 c.info["peak_mem_mb"] = peak_rss_delta_mb(lambda c=c: c.run(c.xb))
-            cells += new
             log(f"  resident set now {proc_status_kb('VmRSS') / 2**20:.1f} GiB")
-        for c in cells:
-            log(f"warm up {c.info['model']} {c.info['runtime']}")
-            c.run(c.x1)
-            # Slow cells (a 128^3 volume) get fewer runs: about `budget_s` seconds each, 3 at least.
-            c.n1 = max(3, min(iters, int(budget_s / time_calls(c.run, c.x1, 1)[0])))
-            c.nb = max(1, min(batch_iters, int(budget_s / time_calls(c.run, c.xb, 1)[0])))
-        rounds = max(1, min(rounds, iters, batch_iters))
-        time_interleaved(cells, rounds, pause=pause, log=log)
-    rows = [_row(c, peak) for c in cells]
+            for c in cells:
+                log(f"warm up {c.info['model']} {c.info['runtime']}")
+                c.run(c.x1)
+                # Slow cells (a 128^3 volume) get fewer runs: about `budget_s` seconds each, 3 at least.
+                c.n1 = max(3, min(iters, int(budget_s / time_calls(c.run, c.x1, 1)[0])))
+                c.nb = max(1, min(batch_iters, int(budget_s / time_calls(c.run, c.xb, 1)[0])))
+            time_interleaved(cells, rounds, pause=pause, log=log)
+            rows += [_row(c, peak) for c in cells]
+            del cells
+            torch._dynamo.reset()  # compiled graphs hold their frozen weights
     meta = {"threads": threads, "quick": quick, "iters": iters, "batch_iters": batch_iters, "rounds": rounds,
             "budget_s": budget_s, "matmul_peak_gflops_fp32": round(peak, 1), "torch": torch.__version__}
     return {"meta": meta, "rows": rows, "summary": summarize(rows), "skipped": skipped}

@@ -51,7 +51,9 @@ class SegmentationTask(Task):
     name = "segment"
     headline = "miou"
     inputs = InputSpec("image", (3, 512, 512), 8, (3, 128, 128), 2)
-    fully_convolutional = True
+    # Not exported with dynamic sides: MOAT's attention indexes its relative-position table for one map
+    # size, which the trace records as a constant, so a graph is right at the size it was exported at only.
+    fully_convolutional = False
     collate = staticmethod(collate_segmentation)
 
     def __init__(self, recipe):
@@ -69,8 +71,20 @@ class SegmentationTask(Task):
         return {"num_classes": 150}  # ADE20K, where MOAT reports its segmentation results
 
     def input_shape(self) -> tuple[int, ...]:
-        """What evaluation and the exported graph take: the `resize` square (training crops are data.img_size)."""
-        return (3, self.opts["resize"], self.opts["resize"])
+        """What the network takes at evaluation, and so the exported graph: the `resize` square, or with
+        `eval_mode: slide` the `crop` window (training crops are data.img_size)."""
+        side = self.opts["crop"] if self.opts["eval_mode"] == "slide" else self.opts["resize"]
+        return (3, side, side)
+
+    def example_inputs(self, count: int) -> torch.Tensor:
+        """Real training images as the network sees them at evaluation (export checks, INT8 calibration):
+        fitted into the `resize` square, or with `eval_mode: slide` their first (top-left) window, padded
+        with 0 (the mean) where the image is smaller, as the sliding window pads it."""
+        x = super().example_inputs(count)
+        side = self.input_shape()[-1]
+        if x.shape[-1] == side:
+            return x
+        return F.pad(x, (0, max(0, side - x.shape[-1]), 0, max(0, side - x.shape[-2])))[..., :side, :side]
 
     # --- data -----------------------------------------------------------------------------------
 
