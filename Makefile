@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/mobilezoo demo --out runs/demo
 
+# Two processes: the tests that load the native deployment runtimes (LiteRT/TensorFlow, OpenVINO,
+# ONNX Runtime's quantizer) first, then the rest. A single whole-suite process segfaulted twice at a
+# varying test after them (cause not yet found); apart, native state of one group cannot reach the other.
+RUNTIME_TESTS := tests/deploy tests/bench tests/test_demo.py
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=10 $(RUNTIME_TESTS)
+	$(PY) -m pytest -q --durations=10 $(addprefix --ignore=,$(RUNTIME_TESTS))
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(RUNTIME_TESTS)
+	$(PY) -m pytest -q -m slow $(addprefix --ignore=,$(RUNTIME_TESTS))
 
 # Every benchmark writes benchmarks/results/NAME.json; update_readme.py re-renders the tables of
 # README.md and docs/benchmarks.md.

@@ -7,6 +7,7 @@ from mobilezoo.cli import main
 from mobilezoo.deploy.export import describe_parity as parity_sentence
 
 
+@pytest.mark.slow  # ~60-110 s since the demo also converts to LiteRT: slow, to keep `make test` under 10 minutes
 def test_demo_quick_classify_writes_report(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"

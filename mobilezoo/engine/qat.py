@@ -12,7 +12,7 @@
     after the ReLU / ReLU6 the converter fuses into it; each other activation's output (hard-swish,
     GELU, SiLU; a sigmoid at LiteRT's fixed 1/256 scale); LayerNorm outputs; squeeze-excite's
     pooled input (at the scale of its input, as AVERAGE_POOL_2D keeps) and output (the gating
-    MUL); residual-add outputs; and a detector's concatenated raw heads (the file's outputs).
+    MUL); residual-add outputs; and a detector's head maps and their concatenations (the file's outputs).
 
 The rounding has `torch.fake_quantize_*`'s straight-through gradient (zero where clamped). Everything
 is per-instance hooks and forward overrides: the model's state_dict keys, and so its

@@ -152,10 +152,9 @@ def test_cli_qat_run_resumes_exactly_keeps_plain_weights_and_exports(shapes_fold
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_fake_int8"] is True for r in records)
     assert "fake-quantized INT8" in (straight / "report.md").read_text()
-    capsys.readouterr()
-    assert main(["export", str(straight), "--int8", "--no-compare", "--check-samples", "2",
-                 "--calib-samples", "6"]) == 0
-    assert (straight / "model.int8.onnx").is_file()
+    capsys.readouterr()  # the saved weights are a plain model's: the export loads and checks them as any run's
+    assert main(["export", str(straight), "--check-samples", "2"]) == 0
+    assert "passed" in capsys.readouterr().out
 
 
 class _Volumes:
