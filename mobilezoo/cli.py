@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -410,36 +409,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-class _Deferred(str):
-    """A help text made only when help is printed: `make()` may import what a parser built for every
-    command should not (the task modules, and with them MONAI)."""
-
-    def __new__(cls, make):
-        self = super().__new__(cls, "(shown with --help)")
-        self.make = make
-        return self
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, making `_Deferred` help texts when it prints them (and only then: newer
-    argparse versions expand every help text once when the argument is added)."""
-
-    def _format_action(self, action) -> str:
-        if isinstance(action.help, _Deferred):
-            action = copy.copy(action)
-            action.help = action.help.make().replace("%", "%%")
-        return super()._format_action(action)
-
-
-def _predict_out_help() -> str:
-    """What `predict --out` is for each task of the registry: a folder of files, or a JSON file."""
-    from .tasks import TASKS
-    folder = [n for n in TASKS if TASKS[n].predicts_into_folder]
-    single = [n for n in TASKS if n not in folder]
-    return (f"{', '.join(folder)}: the folder the predicted files go to (default RUN/predictions); "
-            f"{', '.join(single)}: a JSON file (default: print it)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from .demo import DEMOS
@@ -478,13 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_flags(s, training=False)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders",
-                       formatter_class=_HelpFormatter)
+    s = sub.add_parser("predict", help="predict on image or video files, folders, or BraTS case folders")
     s.add_argument("run", help="run directory")
     s.add_argument("inputs", nargs="+", help="image files or folders")
     s.add_argument("--topk", type=int, help="classification, video: labels per input (default 5)")
     s.add_argument("--score-thresh", type=float, help="detection: lowest score drawn/kept (default 0.3)")
-    s.add_argument("--out", help=_Deferred(_predict_out_help))
+    s.add_argument("--out", help="detect, segment, segment3d: the folder the predicted files go to (default "
+                   "RUN/predictions); classify, video: a JSON file (default: print it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=int, help="ONNX Runtime / OpenVINO / LiteRT threads")
     s.add_argument("--annotations", metavar="FILE",

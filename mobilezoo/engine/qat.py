@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..layers.conv import Conv2dSame, same_padding
 from ..layers.ibn import MobileBlock
 from ..layers.mbconv import MBConv
 from ..layers.squeeze_excite import SqueezeExcite
@@ -111,9 +110,6 @@ def _weighted_forward(module: nn.Module, x: torch.Tensor, quantize: bool = True)
     w = fake_quant_weight(module.weight) if quantize else module.weight
     if isinstance(module, nn.Linear):
         return F.linear(x, w, module.bias)
-    if isinstance(module, Conv2dSame) and module.dynamic:
-        x, w, padding = same_padding(x, w, module.stride[0], module.dilation[0], module.pad_weights)
-        return F.conv2d(x, w, module.bias, module.stride, padding, module.dilation, module.groups)
     return module._conv_forward(x, w, module.bias)
 
 

@@ -52,11 +52,12 @@ class Conv2dSame(nn.Conv2d):
                          dilation=dilation, groups=groups, bias=bias)
         self.dynamic = not sym
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """nn.Conv2d's forward calls this with its weight; callers with another weight (QAT) too."""
         if not self.dynamic:
-            return super().forward(x)
-        x, w, padding = same_padding(x, self.weight, self.stride[0], self.dilation[0], self.pad_weights)
-        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+            return super()._conv_forward(x, weight, bias)
+        x, w, padding = same_padding(x, weight, self.stride[0], self.dilation[0], self.pad_weights)
+        return F.conv2d(x, w, bias, self.stride, padding, self.dilation, self.groups)
 
 
 @contextmanager
