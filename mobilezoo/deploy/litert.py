@@ -9,7 +9,7 @@ kernels inside the graph, so the runner feeds (1, C, H, W) / (1, C, T, H, W) as 
 task metadata (the ONNX file's `metadata_props`) is a JSON file beside it, `model.tflite.json`.
 
 `quantize_tflite_int8` quantizes that fp32 file with ai-edge-quantizer's static recipe (int8
-activations, asymmetric per tensor, calibrated by a moving min/max on the task's data; int8 weights,
+activations, asymmetric per tensor, calibrated by the min/max over the task's data; int8 weights,
 symmetric per output channel): int8 input and output tensors, and every op the quantizer supports in
 int8 (for our models all of them, but a softmax over a single token), as EdgeTPU and DSP delegates
 need. `LiteRTModel` quantizes the input and dequantizes the outputs with the file's own scales, so it
@@ -166,11 +166,21 @@ def _samples(batches: Iterable) -> list[np.ndarray]:
     return out
 
 
+CALIBRATION_RANGES = ("minmax", "average")  # how per-sample activation ranges combine into a tensor's range
+
+
 def quantize_tflite_int8(fp32_path: str | Path, out_path: str | Path, calibration_batches: Iterable,
-                         threads: int | None = None) -> Path:
+                         threads: int | None = None, ranges: str = "minmax") -> Path:
     """Full-integer INT8 of an fp32 LiteRT export by ai-edge-quantizer's static recipe (int8 weights per
-    channel, int8 activations per tensor, min/max calibrated on `calibration_batches`: tensors of the model
-    input, the task's own data), with int8 input and output; metadata and arrays copied beside it."""
+    channel, int8 activations per tensor calibrated on `calibration_batches`: tensors of the model input,
+    the task's own data), with int8 input and output; metadata and arrays copied beside it.
+
+    `ranges`: "minmax" (default) takes each activation's smallest minimum and largest maximum over the
+    samples, as TensorFlow Lite's own converter calibrates; "average" is ai-edge-quantizer's default, a
+    moving average of each sample's min and max, which clips sparse outputs (a detector's class logits
+    are positive on few samples: their averaged maximum is negative and every score saturates at 0.5)."""
+    if ranges not in CALIBRATION_RANGES:
+        raise LiteRTError(f"calibration ranges {ranges!r}: expected one of {', '.join(CALIBRATION_RANGES)}")
     src, out = Path(fp32_path), Path(out_path)
     if not src.is_file():
         raise LiteRTError(f"{src}: no fp32 LiteRT file to quantize")
@@ -182,22 +192,37 @@ def quantize_tflite_int8(fp32_path: str | Path, out_path: str | Path, calibratio
     if not samples:
         raise LiteRTError("no calibration samples: INT8 calibration needs samples of the task's data")
     probe = LiteRTModel(src, threads=1)
-    q = aeq.Quantizer(str(src), recipes.static_wi8_ai8())
+    recipe = recipes.static_wi8_ai8()
+    q = aeq.Quantizer(str(src), recipe)
     with warnings.catch_warnings():
         # The calibrator keeps every intermediate tensor to read its range, and LiteRT warns about that.
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        calibration = q.calibrate({SIGNATURE: [{probe.input_name: s} for s in samples]},
-                                  num_threads=int(threads or os.cpu_count() or 1))
+        calibration = _calibrate(src, recipe, [{probe.input_name: s} for s in samples], ranges,
+                                 int(threads or os.cpu_count() or 1))
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.unlink()  # the quantizer refuses to overwrite
         q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False).export_model(str(out))
-    settings = {"tool": "ai-edge-quantizer", "recipe": "static_wi8_ai8", "activations": "int8 per tensor (min/max)",
+    settings = {"tool": "ai-edge-quantizer", "recipe": "static_wi8_ai8",
+                "activations": f"int8 per tensor ({ranges} of the samples' min/max)",
                 "weights": "int8 symmetric per channel", "calibration_samples": len(samples), "source": src.name}
     metadata_path(out).write_text(json.dumps({**meta, META_QUANTIZATION: json.dumps(settings)}, indent=1) + "\n")
     for key in json.loads(meta.get(META_ARRAYS, "[]")):
         array_path(out, key).write_bytes(array_path(src, key).read_bytes())
     return out
+
+
+def _calibrate(src: Path, recipe, feeds: list[dict], ranges: str, threads: int) -> dict:
+    """Each activation's (min, max) over `feeds`, combined as `ranges` says, by ai-edge-quantizer's
+    calibrator (the one `Quantizer.calibrate` runs, which fixes the moving average)."""
+    calibrator = _require("ai_edge_quantizer.calibrator")
+    manager = _require("ai_edge_quantizer.recipe_manager").RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    qsv = _require("ai_edge_quantizer.utils.qsv_utils")
+    update = qsv.min_max_update if ranges == "minmax" else qsv.moving_average_update
+    calib = calibrator.Calibrator(str(src), num_threads=threads, qsv_update_func=update)
+    calib.calibrate({SIGNATURE: feeds}, manager)
+    return calib.get_model_qsvs()
 
 
 class _Session:

@@ -7,7 +7,8 @@
     max|w| / 127). Quantizing the unfolded conv weight per channel is quantizing the BN-folded one
     (folding scales each output channel; the bias is int32 and nearly exact);
   * activations: int8, asymmetric per tensor (range widened to include 0, 255 steps), from a moving
-    average (momentum 0.01) of each sample's min and max, as the calibrator averages them, at the
+    average (momentum 0.01) of each sample's min and max (tighter than the export's min/max over
+    its calibration samples: the weights learn to fit ranges the file then contains), at the
     tensors the file holds in int8: the model input; each conv's output after its BatchNorm, or
     after the ReLU / ReLU6 the converter fuses into it; each other activation's output (hard-swish,
     GELU, SiLU; a sigmoid at LiteRT's fixed 1/256 scale); LayerNorm outputs; squeeze-excite's

@@ -123,6 +123,41 @@ def test_runner_is_a_drop_in_for_engine_evaluate(tmp_path, make_image_folder, mo
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
 
 
+class _SparseLogit(nn.Module):
+    """One logit, positive only on bright images: like a detector's class head, whose positives are rare."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.05)
+            self.conv.bias.zero_()
+            self.head.weight.fill_(1.0)
+            self.head.bias.fill_(-3.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_int8_ranges_keep_a_logit_that_is_positive_on_one_calibration_sample_in_sixteen(tmp_path):
+    model = _SparseLogit().eval()
+    dark, bright = torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16)
+    path = tmp_path / "m.tflite"
+    export_tflite(model, dark, path, "classify", threads=1)
+    calib = torch.cat([dark + 0.01 * torch.rand(15, 3, 16, 16), bright])  # the positive one comes last
+    with torch.no_grad():
+        want = float(model(bright))  # a confident positive (dark images: -3)
+    got = {}
+    for ranges in ("minmax", "average"):
+        q = quantize_tflite_int8(path, tmp_path / f"{ranges}.int8.tflite", [calib], threads=1, ranges=ranges)
+        got[ranges] = float(LiteRTModel(q, threads=1)(bright))
+    assert want > 1.5 and got["minmax"] == pytest.approx(want, abs=0.05)  # the default keeps it
+    assert got["average"] < 0.1  # a moving average of per-sample maxima ends below 0: the positive is clipped
+    with pytest.raises(LiteRTError, match="calibration ranges 'mean'"):
+        quantize_tflite_int8(path, tmp_path / "x.int8.tflite", [calib], ranges="mean")
+
+
 def test_refusals_and_missing_files_are_one_line_errors(tmp_path, capsys):
     assert refusal("classify") is None and refusal("detect") is None and refusal("segment") is None
     with pytest.raises(LiteRTError, match="depthwise 3-D convolutions have no LiteRT builtin kernel"):
