@@ -147,19 +147,24 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, rename: KeyRename
 
 def load_backbone(model: nn.Module, path: str | os.PathLike) -> str:
     """A classifier's weights (e.g. a converted ImageNet MOAT) into `model.backbone`, a `features_only`
-    copy of that classifier: every backbone tensor must be in the file with its shape; what the file
-    has beyond the backbone (the classifier's final norm and head) is left out and named in the
-    returned line."""
+    copy of that classifier, or the backbone of a trained model built on the same backbone (a
+    detector's or segmenter's run: its `backbone.*` tensors): every backbone tensor must be in the
+    file with its shape; what the file has beyond the backbone (a classifier's final norm and head,
+    a detector's heads) is left out and named in the returned line."""
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise CheckpointError(f"{path}: model.backbone_checkpoint needs a model with a backbone; "
                               f"{type(model).__name__} has none (use model.checkpoint)")
-    state, origin = rename_keys(read_state_dict(path), None, path)
-    own = backbone.state_dict()
-    extra = [k for k in state if k not in own]
-    _load_state(backbone, {k: v for k, v in state.items() if k in own}, origin, path, strict=True)
+    state, own = read_state_dict(path), backbone.state_dict()
+    whole = not own.keys() & state.keys() and any(k.startswith("backbone.") for k in state)
+    prefix = "backbone." if whole else ""
+    extra = [k for k in state if not k.startswith(prefix) or k[len(prefix):] not in own]
+    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
+    origin = {k: prefix + k for k in own}
+    _load_state(backbone, mine, origin, path, strict=True)
     prefixes = sorted({k.split(".")[0] for k in extra})
-    left = (f"; left out {len(extra)} tensors of the classifier ({', '.join(p + '.*' for p in prefixes)})"
+    whose = "model's other parts" if whole else "classifier"
+    left = (f"; left out {len(extra)} tensors of the {whose} ({', '.join(p + '.*' for p in prefixes)})"
             if extra else "")
     return f"{path}: {len(own)} backbone tensors loaded into {type(backbone).__name__}{left}"
 

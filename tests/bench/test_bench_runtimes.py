@@ -57,10 +57,14 @@ def test_summary_picks_the_fastest_runtime_and_judges_the_goal():
     assert a["vs_p"] == 3.0 and "vs_d" not in a  # peers of the same family only, peer best / ours
     # The low-precision goal: best of bf16 / INT8 / OpenVINO bf16, INT8 against the best fp32 runtime
     assert (a["best_low_precision"], a["best_fp32"], a["low_precision_speedup"]) == ("int8", "fp32", round(25 / 15, 3))
+    assert a["low_precision_goal_met"] is False
     assert (b["best_low_precision"], b["low_precision_speedup"]) == ("bf16", 1.25)
     c, = br.summarize([row("c", "ov-fp32", 10.0), row("c", "ort", 12.0), row("c", "ov-int8", 4.0),
                        row("c", "ov-bf16", 5.0)])
     assert (c["best_low_precision"], c["best_fp32"], c["low_precision_speedup"]) == ("ov-int8", "ov-fp32", 2.5)
+    assert c["low_precision_goal_met"] is True
+    text = br.table(br.SUMMARY_COLUMNS, [a, c])
+    assert "1.67x NOT met (ORT INT8 vs PyTorch fp32)" in text and "2.50x met (OpenVINO INT8 vs OpenVINO fp32)" in text
 
 
 def test_markdown_has_a_line_per_row_a_summary_line_per_model_and_names_skipped_runtimes(classifier_result):
@@ -121,3 +125,17 @@ def test_bad_model_or_peer_is_a_one_line_error(argv, message, capsys):
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_the_suite_runs_a_process_per_model_with_the_peers_of_its_family():
+    groups = br.groups_by_model(["tiny_moat_0", "ssdlite_mobiledet_cpu", "tiny_moat_1"],
+                                ["timm:efficientnet_b0", "tv:ssdlite320_mobilenet_v3_large", "timm:coatnet_0_224"])
+    assert groups == [(["tiny_moat_0"], ["timm:efficientnet_b0", "timm:coatnet_0_224"]),
+                      (["ssdlite_mobiledet_cpu"], ["tv:ssdlite320_mobilenet_v3_large"]), (["tiny_moat_1"], [])]
+    row = {"model": "a", "runtime": "fp32", "latency_ms": 2.0, "family": "classify", "source": "mobilezoo"}
+    parts = [{"meta": {"threads": 2, "matmul_peak_gflops_fp32": g}, "rows": [{**row, "model": m}],
+              "skipped": [{"model": m, "runtime": "int8", "reason": "r"}]} for m, g in (("a", 100.0), ("b", 120.0))]
+    merged = br.merge_results(parts)
+    assert [r["model"] for r in merged["rows"]] == ["a", "b"] and [s["model"] for s in merged["summary"]] == ["a", "b"]
+    assert merged["meta"]["matmul_peak_gflops_fp32"] == 110.0 and merged["meta"]["processes"] == 2
+    assert [k["model"] for k in merged["skipped"]] == ["a", "b"]

@@ -47,6 +47,18 @@ def shape_images(n: int, size: int = 160) -> torch.Tensor:
     return F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True) / 127.5 - 1
 
 
+def spread_detector() -> nn.Module:
+    """SSDLite-MobileDet-CPU (5 classes, seeded) with random BN statistics and class scores spread out,
+    so that NMS and the score threshold have work to do."""
+    torch.manual_seed(0)
+    model = randomize_bn(create_model("ssdlite_mobiledet_cpu", num_classes=5))
+    with torch.no_grad():
+        for h in model.cls_heads:
+            nn.init.normal_(h[-1].weight, std=0.3)
+            nn.init.constant_(h[-1].bias, -2.0)
+    return model
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -145,12 +157,7 @@ def _all_nodes(graph):
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_bn(create_model("ssdlite_mobiledet_cpu", num_classes=5))
-    with torch.no_grad():  # spread the class scores so NMS and the score threshold have work to do
-        for h in model.cls_heads:
-            nn.init.normal_(h[-1].weight, std=0.3)
-            nn.init.constant_(h[-1].bias, -2.0)
+    model = spread_detector()
     images = shape_images(3)
     root = tmp_path_factory.mktemp("det")
     full = export_onnx(model, images, root / "full.onnx", "detect", threads=1)

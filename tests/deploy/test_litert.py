@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_export import digit_images, max_diff, randomize_bn, shape_images
+from test_export import digit_images, max_diff, randomize_bn, shape_images, spread_detector
 from torch import nn
 
 from mobilezoo.cli import main
@@ -244,12 +244,7 @@ def test_segmenter_fp32_equals_pytorch_and_int8_is_full_integer(tmp_path):
 
 @pytest.mark.slow
 def test_detector_raw_heads_equal_pytorch_and_decode_to_the_same_detections(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_bn(create_model("ssdlite_mobiledet_cpu", num_classes=5))
-    with torch.no_grad():  # spread the class scores so NMS and the score threshold have work to do
-        for h in model.cls_heads:
-            nn.init.normal_(h[-1].weight, std=0.3)
-            nn.init.constant_(h[-1].bias, -2.0)
+    model = spread_detector()
     images = shape_images(2)
     path = tmp_path / "det.tflite"
     info = export_tflite(model, images, path, "detect", threads=1)

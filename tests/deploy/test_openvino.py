@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from test_export import digit_images, max_diff, randomize_bn, shape_images
-from torch import nn
+from test_export import digit_images, max_diff, randomize_bn, shape_images, spread_detector
 
 from mobilezoo.cli import main
 from mobilezoo.deploy.export import export_onnx
@@ -40,12 +39,7 @@ def test_fp32_equals_pytorch(tmp_path, name, task, shape, kwargs):
 
 
 def test_detector_fp32_same_detections_and_heads(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_bn(create_model("ssdlite_mobiledet_cpu", num_classes=5))
-    with torch.no_grad():  # spread the class scores so NMS and the score threshold have work to do
-        for h in model.cls_heads:
-            nn.init.normal_(h[-1].weight, std=0.3)
-            nn.init.constant_(h[-1].bias, -2.0)
+    model = spread_detector()
     images = shape_images(2)
     export_onnx(model, images[:1], tmp_path / "full.onnx", "detect", threads=1)
     export_onnx(model, images, tmp_path / "raw.onnx", "detect", dynamic_batch=True, mode="raw", threads=1)

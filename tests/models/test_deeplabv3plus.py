@@ -146,3 +146,23 @@ def test_a_stride_16_deepest_map_gets_the_papers_rates():
     assert (model.output_stride, model.atrous_rates) == (16, (6, 12, 18))
     seen = _shapes_seen(model, torch.randn(1, 3, 64, 96))
     assert seen["aspp"] == (1, 128, 4, 6) and seen["logits"] == (1, 3, 64, 96)
+
+
+def test_backbone_of_a_trained_detector_loads_into_the_segmenter(tmp_path):
+    """model.backbone_checkpoint with a detector run's weights: its `backbone.*` tensors (MobileDet-CPU)
+    become the segmenter's backbone, its heads are left out and named; a segmenter on another backbone
+    is refused with the keys that do not fit."""
+    from mobilezoo.models.weights import CheckpointError, load_backbone
+    torch.manual_seed(0)
+    detector = create_model("ssdlite_mobiledet_cpu", num_classes=5)
+    path = tmp_path / "model.safetensors"
+    save_weights(detector, path)
+    seg = create_model("deeplabv3plus", num_classes=6, backbone="mobiledet_cpu")
+    line = load_backbone(seg, path)
+    own = seg.backbone.state_dict()
+    assert own.keys() and all(torch.equal(v, detector.state_dict()["backbone." + k]) for k, v in own.items())
+    others = len(detector.state_dict()) - len(own)
+    assert line.endswith(f"{len(own)} backbone tensors loaded into MobileDetBackbone; left out {others} tensors "
+                         "of the model's other parts (box_heads.*, cls_heads.*, extras.*)")
+    with pytest.raises(CheckpointError, match="does not fit the model: missing"):
+        load_backbone(create_model("deeplabv3plus", num_classes=6, backbone="tiny_moat_0"), path)
