@@ -63,13 +63,14 @@ def apply_checkpoint_metadata(recipe: Recipe) -> tuple[list[str], bool]:
             with_one = [n for n in list_models() if "backbone" in inspect.signature(get_entry(n).factory).parameters]
             raise UserError(f"model.backbone_checkpoint: {model.name} has no backbone to load it into "
                             f"(models with one: {', '.join(with_one)})")
-        named = model.args.get("backbone")
-        if META_MODEL in meta and named not in (None, meta[META_MODEL]):
-            raise UserError(f"model.backbone_checkpoint: {path} holds a {meta[META_MODEL]}, but model.args.backbone "
-                            f"is {named}")
-        if META_MODEL in meta:
+        # A detector's or segmenter's file: only its backbone part loads; its model and options are not the backbone's.
+        if META_MODEL in meta and not _whole_model(meta[META_MODEL]):
+            named = model.args.get("backbone")
+            if named not in (None, meta[META_MODEL]):
+                raise UserError(f"model.backbone_checkpoint: {path} holds a {meta[META_MODEL]}, but "
+                                f"model.args.backbone is {named}")
             model.args["backbone"] = meta[META_MODEL]
-        model.args["backbone_args"] = {**args, **model.args.get("backbone_args", {})}
+            model.args["backbone_args"] = {**args, **model.args.get("backbone_args", {})}
     missing = meta.get(META_BN_STATS) == "missing"
     lines = []
     if missing:
@@ -77,6 +78,11 @@ def apply_checkpoint_metadata(recipe: Recipe) -> tuple[list[str], bool]:
         lines.append(f"{path}: the file has no BatchNorm statistics; they will be recomputed on "
                      f"{recipe.train.bn_recalibrate} training batches (train.bn_recalibrate)")
     return lines, missing
+
+
+def _whole_model(name: str | None) -> bool:
+    """True for a registered model of a task other than classification (a detector, a segmenter)."""
+    return name in list_models() and get_entry(name).task not in ("classify", "backbone")
 
 
 class FrozenBackbone:

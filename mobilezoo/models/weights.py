@@ -158,9 +158,15 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> str:
     state, own = read_state_dict(path), backbone.state_dict()
     whole = not own.keys() & state.keys() and any(k.startswith("backbone.") for k in state)
     prefix = "backbone." if whole else ""
-    extra = [k for k in state if not k.startswith(prefix) or k[len(prefix):] not in own]
-    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
-    origin = {k: prefix + k for k in own}
+    # A whole model's backbone.* tensors are all the backbone's (a leftover one is unexpected); a
+    # classifier's tensors beyond the backbone are its final norm and head, left out.
+    mine = {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and (whole or k in own)}
+    if whole and not own.keys() & mine.keys():
+        raise CheckpointError(f"{path}: its backbone.* tensors match none of {type(backbone).__name__}'s: a model "
+                              f"on another backbone (name it in model.args.backbone)?")
+    extra = [k for k in state if not k.startswith(prefix) or not whole and k not in own]
+    origin = {k: prefix + k for k in mine}
     _load_state(backbone, mine, origin, path, strict=True)
     prefixes = sorted({k.split(".")[0] for k in extra})
     whose = "model's other parts" if whole else "classifier"

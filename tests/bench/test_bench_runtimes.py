@@ -111,6 +111,7 @@ def test_the_cli_writes_the_result_as_json(tmp_path):
     result = json.loads(out.read_text())
     assert [(r["model"], r["runtime"]) for r in result["rows"]] == [("tiny_moat_0", "fp32")]
     assert result["meta"]["quick"] and result["summary"][0]["best_runtime"] == "fp32"
+    assert result["meta"]["processes"] == 1  # timed in a process of its own
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -132,10 +133,18 @@ def test_the_suite_runs_a_process_per_model_with_the_peers_of_its_family():
                                 ["timm:efficientnet_b0", "tv:ssdlite320_mobilenet_v3_large", "timm:coatnet_0_224"])
     assert groups == [(["tiny_moat_0"], ["timm:efficientnet_b0", "timm:coatnet_0_224"]),
                       (["ssdlite_mobiledet_cpu"], ["tv:ssdlite320_mobilenet_v3_large"]), (["tiny_moat_1"], [])]
-    row = {"model": "a", "runtime": "fp32", "latency_ms": 2.0, "family": "classify", "source": "mobilezoo"}
+    row = {"model": "a", "runtime": "fp32", "latency_ms": 2.0, "family": "classify", "source": "mobilezoo",
+           "gmacs_per_s": 11.0, "peak_fraction": 0.0}
     parts = [{"meta": {"threads": 2, "matmul_peak_gflops_fp32": g}, "rows": [{**row, "model": m}],
               "skipped": [{"model": m, "runtime": "int8", "reason": "r"}]} for m, g in (("a", 100.0), ("b", 120.0))]
     merged = br.merge_results(parts)
     assert [r["model"] for r in merged["rows"]] == ["a", "b"] and [s["model"] for s in merged["summary"]] == ["a", "b"]
     assert merged["meta"]["matmul_peak_gflops_fp32"] == 110.0 and merged["meta"]["processes"] == 2
+    assert [r["peak_fraction"] for r in merged["rows"]] == [0.2, 0.2]  # 2 x 11 GMAC/s of the one 110 GFLOP/s peak
     assert [k["model"] for k in merged["skipped"]] == ["a", "b"]
+
+
+def test_an_error_in_a_models_process_reaches_the_user_as_one_line():
+    from mobilezoo.errors import UserError
+    with pytest.raises(UserError, match="unknown runtime 'nope'"):
+        br.benchmark_in_processes([(["tiny_moat_0"], [])], ["nope"], threads=1, quick=True)

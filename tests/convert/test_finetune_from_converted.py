@@ -99,3 +99,23 @@ def test_backbone_checkpoint_errors_are_one_line(tmp_path, capsys, monkeypatch, 
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_converted_detector_gives_its_backbone_to_a_segmenter(tmp_path):
+    """The Object Detection API's MobileDet-CPU, converted, as DeepLabv3+'s backbone: the file says it holds an
+    ssdlite_mobiledet_cpu, which is not the backbone's name, so the recipe's `mobiledet_cpu` stands and
+    only the normalisation is taken; its backbone.* tensors load."""
+    from mobilezoo.engine.finetune import apply_checkpoint_metadata
+    from mobilezoo.models import create_model
+    from mobilezoo.models.weights import load_backbone
+    from mobilezoo.recipes import load_recipe
+    out = tmp_path / "mobiledet.safetensors"
+    assert main(["convert", str(FIXTURE.parent / "tfod_ssdlite_mobiledet_cpu" / "model.ckpt"), "--out", str(out)]) == 0
+    recipe = load_recipe("segment_shapes", ["model.args.backbone=mobiledet_cpu", f"model.backbone_checkpoint={out}"])
+    apply_checkpoint_metadata(recipe)
+    assert recipe.model.args["backbone"] == "mobiledet_cpu" and "backbone_args" not in recipe.model.args
+    assert recipe.data.mean is not None and recipe.model.source is not None
+    seg = create_model("deeplabv3plus", num_classes=6, **{k: v for k, v in recipe.model.args.items()})
+    assert "backbone tensors loaded into MobileDetBackbone; left out" in load_backbone(seg, out)
+    file_state = load_file(str(out))
+    assert all(torch.equal(v, file_state["backbone." + k]) for k, v in seg.backbone.state_dict().items())

@@ -4,6 +4,7 @@ map, backbones without one refused."""
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import mobilezoo  # noqa: F401  (registers the models with timm)
@@ -164,5 +165,8 @@ def test_backbone_of_a_trained_detector_loads_into_the_segmenter(tmp_path):
     others = len(detector.state_dict()) - len(own)
     assert line.endswith(f"{len(own)} backbone tensors loaded into MobileDetBackbone; left out {others} tensors "
                          "of the model's other parts (box_heads.*, cls_heads.*, extras.*)")
-    with pytest.raises(CheckpointError, match="does not fit the model: missing"):
+    with pytest.raises(CheckpointError, match="backbone.. tensors match none of MOAT's: a model on another backbone"):
         load_backbone(create_model("deeplabv3plus", num_classes=6, backbone="tiny_moat_0"), path)
+    save_file({**detector.state_dict(), "backbone.extra.weight": torch.zeros(3)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected 1 keys: backbone.extra.weight"):
+        load_backbone(seg, tmp_path / "extra.safetensors")

@@ -37,6 +37,8 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -358,10 +360,11 @@ def groups_by_model(models: Sequence[str], peers: Sequence[str]) -> list[tuple[l
 
 
 def merge_results(parts: Sequence[dict]) -> dict:
-    """Results of several `benchmark` runs as one (rows in order; the fp32 peak: their median)."""
-    rows = [r for p in parts for r in p["rows"]]
-    meta = {**parts[0]["meta"], "processes": len(parts),
-            "matmul_peak_gflops_fp32": median([p["meta"]["matmul_peak_gflops_fp32"] for p in parts])}
+    """Results of several `benchmark` runs as one: rows in order, the fp32 peak the median of the runs'
+    (each row's fraction of it recomputed against that one peak)."""
+    peak = median([p["meta"]["matmul_peak_gflops_fp32"] for p in parts])
+    rows = [{**r, "peak_fraction": round(2 * r["gmacs_per_s"] / peak, 4)} for p in parts for r in p["rows"]]
+    meta = {**parts[0]["meta"], "processes": len(parts), "matmul_peak_gflops_fp32": peak}
     return {"meta": meta, "rows": rows, "summary": summarize(rows), "skipped": [k for p in parts for k in p["skipped"]]}
 
 
@@ -373,19 +376,26 @@ def benchmark_in_processes(groups: Sequence[tuple[list[str], list[str]]], runtim
                            threads: int = 2, quick: bool = False) -> dict:
     """`benchmark` of each group in a fresh process, merged. What a model's runtimes keep after they are
     freed (compiled graphs, OpenVINO and LiteRT plans, allocator caches) then goes back to the system: the
-    whole suite in one process grew by 1-3 GiB a model, past this 24 GiB machine's memory."""
+    whole suite in one process grew by 1-3 GiB a model, past this 24 GiB machine's memory. A process that
+    dies (killed for memory, a crash in a native runtime) is a one-line error naming its models."""
     context = multiprocessing.get_context("spawn")
     parts = []
     for models, peers in groups:
-        with context.Pool(1) as pool:
-            parts.append(pool.apply(benchmark, (models, peers, runtimes, threads), {"quick": quick, "log": _stderr}))
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            try:
+                parts.append(pool.submit(benchmark, models, peers, runtimes, threads, quick=quick,
+                                         log=_stderr).result())
+            except BrokenProcessPool:
+                raise UserError(f"the benchmark process of {', '.join([*models, *peers])} died "
+                                "(out of memory, or a crash in a native runtime)") from None
     return merge_results(parts)
 
 
 def run_cli(args, log: Callable[[str], None]) -> tuple[dict, str]:
     """`mobilezoo bench runtimes [MODELS] [--vs PEERS] [--runtimes ...] [--quick]`: (result, tables).
     Without models: the whole suite (one or more models of every family) against its peers. Each model
-    (with the peers of its family) is timed in a process of its own."""
+    (with the peers of its family) is timed in a process of its own, which logs to stderr itself (`log`,
+    the suites' common interface, is not used: a closure cannot be sent to the process)."""
     models, peers = (args.models, args.vs) if args.models else (SUITE, args.vs or SUITE_PEERS)
     result = benchmark_in_processes(groups_by_model(models, peers), args.runtimes or RUNTIMES, args.threads,
                                     quick=args.quick)
