@@ -156,17 +156,17 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> str:
         raise CheckpointError(f"{path}: model.backbone_checkpoint needs a model with a backbone; "
                               f"{type(model).__name__} has none (use model.checkpoint)")
     state, own = read_state_dict(path), backbone.state_dict()
-    whole = not own.keys() & state.keys() and any(k.startswith("backbone.") for k in state)
-    prefix = "backbone." if whole else ""
-    # A whole model's backbone.* tensors are all the backbone's (a leftover one is unexpected); a
-    # classifier's tensors beyond the backbone are its final norm and head, left out.
-    mine = {k[len(prefix):]: v for k, v in state.items()
-            if k.startswith(prefix) and (whole or k in own)}
-    if whole and not own.keys() & mine.keys():
-        raise CheckpointError(f"{path}: its backbone.* tensors match none of {type(backbone).__name__}'s: a model "
-                              f"on another backbone (name it in model.args.backbone)?")
-    extra = [k for k in state if not k.startswith(prefix) or not whole and k not in own]
-    origin = {k: prefix + k for k in mine}
+    prefix = "backbone."
+    whole = not own.keys() & state.keys() and any(k.startswith(prefix) for k in state)
+    if whole:  # every backbone.* tensor is the backbone's (a leftover one is unexpected); the rest left out
+        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not own.keys() & mine.keys():
+            raise CheckpointError(f"{path}: its backbone.* tensors match none of {type(backbone).__name__}'s: a "
+                                  f"model on another backbone (name it in model.args.backbone)?")
+        extra, origin = [k for k in state if not k.startswith(prefix)], {k: prefix + k for k in mine}
+    else:  # a classifier: what is not the backbone's is its final norm and head, left out
+        mine = {k: v for k, v in state.items() if k in own}
+        extra, origin = [k for k in state if k not in own], {k: k for k in mine}
     _load_state(backbone, mine, origin, path, strict=True)
     prefixes = sorted({k.split(".")[0] for k in extra})
     whose = "model's other parts" if whole else "classifier"
