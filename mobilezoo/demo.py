@@ -29,28 +29,39 @@ class DemoTask:
     recipe: str
     overrides: tuple[str, ...]
     quick: tuple[str, ...]  # --quick: seconds, for tests
+    backbone_from: str | None = None  # the demo section whose trained model's backbone this one starts from
 
 
 DEMOS: dict[str, DemoTask] = {
-    # 8 epochs (a quarter of the accuracy recipe), evaluated twice: ~99.5% in ~1 min on 2 cores.
+    # 6 epochs (a fifth of the accuracy recipe), evaluated twice: 99.7% in 35 s on 2 cores.
     "classify": DemoTask("Image classification: tiny-MOAT-0 on digits", "classify_digits",
-                         ("train.epochs=8", "train.eval_every=4"),
+                         ("train.epochs=6", "train.eval_every=3"),
                          ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2")),
     # 6 epochs at 256 px, batch 4 (twice the steps of batch 8), no SSD crops, lr 0.01, evaluated once:
     # what fits the demo's 15 minutes on 2 cores (the recipe needs 12 epochs at 320 px, 14 min, for
-    # mAP 0.570; 8 epochs here give 0.34-0.35 but take the demo to 17 min); docs/demo.md has the ladder.
+    # mAP 0.570; 8 epochs here give 0.34-0.35 but take the demo to 17 min): mAP 0.248 in ~350 s.
+    # docs/demo.md has the ladder.
     "detect": DemoTask("Object detection: SSDLite + MobileDet-CPU on shapes", "detect_shapes",
                        ("train.epochs=6", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
                         "optim.lr=0.01", "train.eval_every=6"),
                        ("train.epochs=1", "data.limit_train=32", "data.limit_val=8", "data.img_size=128",
                         "train.bn_recalibrate=1")),
-    # 4 epochs: mean Dice ~0.95 on the phantom in ~2 min.
+    # 2 epochs from the demo detector's MobileDet-CPU backbone (trained on the same images): mIoU 0.313
+    # (pixel accuracy 93.7%) in 82 s on 2 cores; 3 epochs give 0.34-0.36 in ~2 min, 3 from scratch 0.209.
+    "segment": DemoTask("Semantic segmentation: DeepLabv3+ on the detector's MobileDet-CPU backbone, shapes-seg",
+                        "segment_shapes",
+                        ("model.args.backbone=mobiledet_cpu", "train.epochs=2", "train.eval_every=2"),
+                        ("train.epochs=1", "data.limit_train=16", "data.limit_val=4", "data.augment.resize=128",
+                         "data.img_size=96", "train.bn_recalibrate=1"),
+                        backbone_from="detect"),
+    # 4 epochs: mean Dice 0.93 on the phantom in ~40 s on 2 cores.
     "segment3d": DemoTask("3-D segmentation: reversible MBConv U-Net on the BraTS phantom", "segment_brats_phantom",
                           ("train.epochs=4",),
                           ("train.epochs=1", "data.limit_train=4", "data.limit_val=2")),
-    # 30 of the accuracy recipe's 40 epochs: 98.75% on the 8 motion classes in ~2.5 min on 2 cores.
+    # 20 of the accuracy recipe's 40 epochs: 95.0% single-view (96.25% with the 10-clip x
+    # 3-crop test views) in 77 s on 2 cores; 30 epochs give 98.75-100% in ~2 min.
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
-                      ("train.epochs=30",),
+                      ("train.epochs=20",),
                       ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8")),
 }
 
@@ -168,6 +179,17 @@ def _write_html(markdown_text: str, path: Path) -> None:
                     f"</head><body>{body}</body></html>\n")
 
 
+def _backbone_override(name: str, demo: DemoTask, out: Path) -> list[str]:
+    """`model.backbone_checkpoint` set to the model of the section this one starts from."""
+    if demo.backbone_from is None:
+        return []
+    source = out / demo.backbone_from / "model.safetensors"
+    if not source.is_file():
+        raise UserError(f"{source}: missing; the {name} demo starts from the {demo.backbone_from} demo's backbone, "
+                        f"so run that section first (--task {demo.backbone_from} --task {name})")
+    return [f"model.backbone_checkpoint={json.dumps(str(source))}"]
+
+
 def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> dict:
     """Train, evaluate, predict, export and time every task (or `tasks`); write report.md/.html."""
     from tqdm import tqdm
@@ -179,11 +201,13 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
     unknown = [n for n in names if n not in DEMOS]
     if unknown:
         raise UserError(f"unknown demo task {unknown[0]!r}; expected one of {', '.join(DEMOS)}")
+    names = [n for n in DEMOS if n in names]  # a section that starts from another's backbone runs after it
     out.mkdir(parents=True, exist_ok=True)
     lines, latency, results, t_all = ["# mobilezoo demo", ""], [], {}, time.time()
     for name in tqdm(names, desc="demo", unit="task"):
         demo, run_dir = DEMOS[name], out / name
-        overrides = [f"out={json.dumps(str(run_dir))}", *demo.overrides, *(demo.quick if quick else ())]
+        overrides = [f"out={json.dumps(str(run_dir))}", *demo.overrides, *(demo.quick if quick else ()),
+                     *_backbone_override(name, demo, out)]
         recipe = load_recipe(demo.recipe, overrides)
         t0 = time.time()
         metrics = fit(recipe, build_task(recipe), overwrite=True)  # a demo run replaces the last one

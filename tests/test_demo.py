@@ -57,13 +57,23 @@ def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--out", str(out)]
-    assert main([*args, "--task", "detect", "--task", "segment3d", "--task", "video"]) == 0
+    assert main([*args, "--task", "segment", "--task", "detect", "--task", "segment3d", "--task", "video"]) == 0
     results = json.loads((out / "results.json").read_text())
-    expected = {"detect": ("map", 8), "segment3d": ("dice", 2), "video": ("top1", 8)}
+    assert list(results) == ["detect", "segment", "segment3d", "video"]  # the segmenter after its backbone's detector
+    config = (out / "segment" / "config.yaml").read_text()
+    assert f"backbone_checkpoint: {out / 'detect' / 'model.safetensors'}" in config
+    expected = {"detect": ("map", 8), "segment": ("miou", 4), "segment3d": ("dice", 2), "video": ("top1", 8)}
     for name, (metric, count) in expected.items():
         int8 = results[name]["int8"]
         assert int8["metric"] == metric and int8["rows"]["fp32"]["count"] == count, name
         assert (out / name / "model.int8.onnx").is_file()
+
+
+def test_demo_segment_without_its_detector_is_a_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--task", "segment", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "detect" / "model.safetensors") in err and "--task detect --task segment" in err
+    assert not (tmp_path / "segment").exists()  # refused before training
 
 
 def test_parity_sentence_of_a_network():

@@ -159,6 +159,24 @@ def test_int8_ranges_keep_a_logit_that_is_positive_on_one_calibration_sample_in_
         quantize_tflite_int8(path, tmp_path / "x.int8.tflite", [calib], ranges="mean")
 
 
+def test_partition_census_finds_the_int8_hard_swish_outside_xnnpack(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "litert_partitions.py"
+    spec = importlib.util.spec_from_file_location("litert_partitions", script)
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+    torch.manual_seed(0)
+    model, x = randomize_bn(_Tiny(3)), torch.randn(1, 3, 16, 16)
+    export_tflite(model, x, tmp_path / "m.tflite", "classify", threads=1)
+    q = quantize_tflite_int8(tmp_path / "m.tflite", tmp_path / "m.int8.tflite", [torch.randn(8, 3, 16, 16)], threads=1)
+    fp32, int8 = census.partitions(tmp_path / "m.tflite"), census.partitions(q)
+    assert fp32["partitions"] == 1 and fp32["outside"] == {}  # XNNPACK takes the whole fp32 graph
+    # In int8 XNNPACK has no hard-swish: it runs on LiteRT's own kernel, between two partitions.
+    assert int8["outside"] == {"HARD_SWISH": 1} and int8["partitions"] == 2
+    assert int8["ops"]["HARD_SWISH"] == 1 and int8["ops"]["CONV_2D"] == 1
+
+
 def test_refusals_and_missing_files_are_one_line_errors(tmp_path, capsys):
     assert refusal("classify") is None and refusal("detect") is None and refusal("segment") is None
     with pytest.raises(LiteRTError, match="depthwise 3-D convolutions have no LiteRT builtin kernel"):
