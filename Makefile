@@ -25,8 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(addprefix --ignore=,$(RUNTIME_TESTS))
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(RUNTIME_TESTS)
-	$(PY) -m pytest -q -m slow $(addprefix --ignore=,$(RUNTIME_TESTS))
+	$(PY) -m pytest -q --durations=15 -m slow $(RUNTIME_TESTS)
+	$(PY) -m pytest -q --durations=15 -m slow $(addprefix --ignore=,$(RUNTIME_TESTS))
 
 # Every benchmark writes benchmarks/results/NAME.json; update_readme.py re-renders the tables of
 # README.md and docs/benchmarks.md.
