@@ -33,35 +33,35 @@ class DemoTask:
 
 
 DEMOS: dict[str, DemoTask] = {
-    # 6 epochs (a fifth of the accuracy recipe), evaluated twice: 99.7% in 35 s on 2 cores.
+    # 5 epochs (a sixth of the accuracy recipe), evaluated once; 6 epochs gave 99.7% in 35-38 s on 2 cores.
     "classify": DemoTask("Image classification: tiny-MOAT-0 on digits", "classify_digits",
-                         ("train.epochs=6", "train.eval_every=3"),
+                         ("train.epochs=5", "train.eval_every=5"),
                          ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2")),
     # 6 epochs at 256 px, batch 4 (twice the steps of batch 8), no SSD crops, lr 0.01, evaluated once:
     # what fits the demo's 15 minutes on 2 cores (the recipe needs 12 epochs at 320 px, 14 min, for
-    # mAP 0.570; 8 epochs here give 0.34-0.35 but take the demo to 17 min): mAP 0.248 in ~350 s.
+    # mAP 0.570; 8 epochs here give 0.34-0.35 but take the demo to 17 min): mAP 0.258 in ~385 s.
     # docs/demo.md has the ladder.
     "detect": DemoTask("Object detection: SSDLite + MobileDet-CPU on shapes", "detect_shapes",
                        ("train.epochs=6", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
                         "optim.lr=0.01", "train.eval_every=6"),
                        ("train.epochs=1", "data.limit_train=32", "data.limit_val=8", "data.img_size=128",
                         "train.bn_recalibrate=1")),
-    # 2 epochs from the demo detector's MobileDet-CPU backbone (trained on the same images): mIoU 0.313
-    # (pixel accuracy 93.7%) in 82 s on 2 cores; 3 epochs give 0.34-0.36 in ~2 min, 3 from scratch 0.209.
+    # 2 epochs from the demo detector's MobileDet-CPU backbone (trained on the same images): mIoU
+    # 0.278-0.313 in 82-88 s on 2 cores; 3 epochs give 0.34-0.36 in ~2 min, 3 from scratch 0.209.
     "segment": DemoTask("Semantic segmentation: DeepLabv3+ on the detector's MobileDet-CPU backbone, shapes-seg",
                         "segment_shapes",
                         ("model.args.backbone=mobiledet_cpu", "train.epochs=2", "train.eval_every=2"),
                         ("train.epochs=1", "data.limit_train=16", "data.limit_val=4", "data.augment.resize=128",
                          "data.img_size=96", "train.bn_recalibrate=1"),
                         backbone_from="detect"),
-    # 4 epochs: mean Dice 0.93 on the phantom in ~40 s on 2 cores.
+    # 3 epochs; 4 gave mean Dice 0.933 on the phantom in ~40 s on 2 cores.
     "segment3d": DemoTask("3-D segmentation: reversible MBConv U-Net on the BraTS phantom", "segment_brats_phantom",
-                          ("train.epochs=4",),
+                          ("train.epochs=3",),
                           ("train.epochs=1", "data.limit_train=4", "data.limit_val=2")),
-    # 20 of the accuracy recipe's 40 epochs: 95.0% single-view (96.25% with the 10-clip x
-    # 3-crop test views) in 77 s on 2 cores; 30 epochs give 98.75-100% in ~2 min.
+    # 15 of the accuracy recipe's 40 epochs; 20 gave 95.0-98.1% single-view in 77-91 s on 2 cores,
+    # 30 give 98.75-100% in ~2 min.
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
-                      ("train.epochs=20",),
+                      ("train.epochs=15",),
                       ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8")),
 }
 
