@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,97 +24,165 @@ from .recipes import load_recipe
 
 @dataclass(frozen=True)
 class DemoTask:
-    """One demo section: the packaged recipe and its demo-sized overrides."""
+    """One demo section: the packaged recipe, its demo-sized overrides and the lane it runs in."""
 
     title: str
     recipe: str
     overrides: tuple[str, ...]
     quick: tuple[str, ...]  # --quick: seconds, for tests
-    backbone_from: str | None = None  # the demo section whose trained model's backbone this one starts from
+    lane: int = 1  # the sections of a lane run one after another; the lanes run side by side
 
 
 DEMOS: dict[str, DemoTask] = {
-    # 5 epochs (a sixth of the accuracy recipe), evaluated once; 6 epochs gave 99.7% in 35-38 s on 2 cores.
+    # 5 epochs (a sixth of the accuracy recipe), evaluated once: 99.44% in 37 s on one core.
     "classify": DemoTask("Image classification: tiny-MOAT-0 on digits", "classify_digits",
                          ("train.epochs=5", "train.eval_every=5"),
                          ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2")),
-    # 6 epochs at 256 px, batch 4 (twice the steps of batch 8), no SSD crops, lr 0.01, evaluated once:
-    # what fits the demo's 15 minutes on 2 cores (the recipe needs 12 epochs at 320 px, 14 min, for
-    # mAP 0.570; 8 epochs here give 0.34-0.35 but take the demo to 17 min): mAP 0.258 in ~385 s.
-    # docs/demo.md has the ladder.
+    # The detector has a lane (one core) to itself while the other sections run in the second one.
+    # 10 epochs at 256 px, batch 4 (twice the steps of batch 8), no SSD crops, lr 0.01, evaluated once:
+    # mAP 0.484, AP50 0.731 in ~700 s on one core (the recipe: 12 epochs at 320 px, batch 8, 14 min on
+    # 2 cores for mAP 0.570). docs/demo.md has the ladder.
     "detect": DemoTask("Object detection: SSDLite + MobileDet-CPU on shapes", "detect_shapes",
-                       ("train.epochs=6", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
-                        "optim.lr=0.01", "train.eval_every=6"),
+                       ("train.epochs=10", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
+                        "optim.lr=0.01", "train.eval_every=10"),
                        ("train.epochs=1", "data.limit_train=32", "data.limit_val=8", "data.img_size=128",
-                        "train.bn_recalibrate=1")),
-    # 2 epochs from the demo detector's MobileDet-CPU backbone (trained on the same images): mIoU
-    # 0.278-0.313 in 82-88 s on 2 cores; 3 epochs give 0.34-0.36 in ~2 min, 3 from scratch 0.209.
-    "segment": DemoTask("Semantic segmentation: DeepLabv3+ on the detector's MobileDet-CPU backbone, shapes-seg",
-                        "segment_shapes",
-                        ("model.args.backbone=mobiledet_cpu", "train.epochs=2", "train.eval_every=2"),
+                        "train.bn_recalibrate=1"), lane=0),
+    # DeepLabv3+ on a MobileDet-CPU backbone, from scratch: 3 epochs (mIoU 0.210 on one core; 4 gave 0.214).
+    "segment": DemoTask("Semantic segmentation: DeepLabv3+ on MobileDet-CPU, shapes-seg", "segment_shapes",
+                        ("model.args.backbone=mobiledet_cpu", "train.epochs=3", "train.eval_every=3"),
                         ("train.epochs=1", "data.limit_train=16", "data.limit_val=4", "data.augment.resize=128",
-                         "data.img_size=96", "train.bn_recalibrate=1"),
-                        backbone_from="detect"),
+                         "data.img_size=96", "train.bn_recalibrate=1")),
     # 3 epochs; 4 gave mean Dice 0.933 on the phantom in ~40 s on 2 cores.
     "segment3d": DemoTask("3-D segmentation: reversible MBConv U-Net on the BraTS phantom", "segment_brats_phantom",
                           ("train.epochs=3",),
                           ("train.epochs=1", "data.limit_train=4", "data.limit_val=2")),
-    # 15 of the accuracy recipe's 40 epochs; 20 gave 95.0-98.1% single-view in 77-91 s on 2 cores,
-    # 30 give 98.75-100% in ~2 min.
+    # 25 of the accuracy recipe's 40 epochs (15 gave 88.75% single-view in 67 s on one core; 20 gave
+    # 95.0-98.1% and 30 98.75-100% on 2 cores).
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
-                      ("train.epochs=15",),
+                      ("train.epochs=25",),
                       ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8")),
 }
 
+CALIBRATION_SAMPLES = 32  # training samples each INT8 file is calibrated on (8 with --quick)
+TIMED_ONLY = ("OpenVINO fp32", "OpenVINO bf16", "LiteRT fp32")  # compute what the fp32 ONNX file does (parity checked)
 
-def _deploy(name: str, recipe, task, model: torch.nn.Module, shape: tuple[int, ...], run_dir: Path,
-            runs: int) -> tuple[list[dict], dict]:
-    """Batch-1 latency per runtime: PyTorch eager, fused, bf16, and ONNX Runtime fp32 and INT8 after
-    an export whose parity with PyTorch is checked on a real sample, OpenVINO and LiteRT where installed;
-    every INT8 file is also evaluated on the val split (its accuracy change). Returns (rows, export summary)."""
-    from .bench.onnx_compare import compare_onnx
-    from .bench.timing import batch1_latency_ms
+
+def _train_and_export(name: str, out: Path, quick: bool, threads: int, progress: bool) -> dict:
+    """One section on `threads` threads: train, export to ONNX (parity checked), quantize to INT8 for each
+    installed runtime and evaluate every INT8 file on the val split. Timing is left to `_latency`."""
+    from .bench.onnx_compare import evaluate_files
     from .deploy.export import export_onnx
     from .deploy.quantize import quantize_int8, split_for_calibration
+    from .engine import fit
+    from .tasks import build_task, load_run
+    demo, run_dir = DEMOS[name], out / name
+    recipe = load_recipe(demo.recipe, [f"out={json.dumps(str(run_dir))}", *demo.overrides,
+                                       *(demo.quick if quick else ())])
+    print(f"demo {name}: training", flush=True)
+    t0 = time.time()
+    metrics = fit(recipe, build_task(recipe), overwrite=True, progress=progress)  # replaces the last demo run
+    t1 = time.time()
+    recipe, task, model = load_run(run_dir)
+    model = model.eval().float()
+    onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
+    # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
+    summary = export_onnx(model, task.example_inputs(1), onnx_path, task, mode=task.int8_mode)
+    calib = task.example_inputs(8 if quick else CALIBRATION_SAMPLES)
+    quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
+    files = {"fp32": onnx_path, "int8": int8_path, **_openvino_files(task, onnx_path, calib),
+             **_litert_files(task, model, run_dir / "model.tflite", calib, threads)}
+    evaluated = evaluate_files(recipe, task, {k: _open(k, p, threads) for k, p in files.items()},
+                               timed_only=TIMED_ONLY)
+    print(f"demo {name}: {task.summary(metrics)} ({t1 - t0:.0f} s of training)", flush=True)
+    return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "summary": task.summary(metrics), "epochs": recipe.train.epochs, "trained": (t0, t1),
+            "files": {k: str(p) for k, p in files.items()}, "parity": summary.get("parity"), "evaluated": evaluated}
+
+
+def _run_lane(names: list[str], out: Path, quick: bool, threads: int, progress: bool = True) -> dict[str, dict]:
+    """A lane's sections, one after another, in this process (training on `threads` threads unless
+    a recipe says otherwise; `progress`: a per-step progress bar)."""
+    torch.set_num_threads(threads)
+    return {name: _train_and_export(name, out, quick, threads, progress) for name in names}
+
+
+def _run_lanes(lanes: list[list[str]], out: Path, quick: bool) -> dict[str, dict]:
+    """Every lane at once, each in a process of its own with an equal share of the cores (training a
+    small model scales poorly past one core: two lanes on two cores finish far sooner than one after
+    the other); a single lane runs here on all of them. The first error stops every lane."""
+    cores = max(1, torch.get_num_threads())
+    if len(lanes) == 1:
+        return _run_lane(lanes[0], out, quick, cores)
+    import multiprocessing
+    threads = max(1, cores // len(lanes))
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(len(lanes), initializer=_line_buffered) as pool:
+        # No progress bars: two would overwrite each other; the epoch lines stay.
+        pending = [pool.apply_async(_run_lane, (names, out, quick, threads, False)) for names in lanes]
+        done: dict[str, dict] = {}
+        while pending:
+            for job in [j for j in pending if j.ready()]:
+                done.update(job.get())  # re-raises a lane's error here; leaving the block stops the others
+                pending.remove(job)
+            time.sleep(0.5)
+    return done
+
+
+def _line_buffered() -> None:
+    """A lane's process prints each line as it comes, also into a pipe or a file."""
+    sys.stdout.reconfigure(line_buffering=True)
+
+
+def _open(label: str, path, threads: int | None = None):
+    """An exported file opened with the runtime its label names (ONNX Runtime for "fp32" / "int8")."""
+    if label.startswith("OpenVINO"):
+        from .deploy.openvino import OpenVinoModel
+        return OpenVinoModel(path, label.split()[1], threads=threads)
+    if label.startswith("LiteRT"):
+        from .deploy.litert import LiteRTModel
+        return LiteRTModel(path, threads=threads)
+    from .deploy.ort import OrtModel
+    return OrtModel(path, threads=threads)
+
+
+def _latency(name: str, task, model: torch.nn.Module, section: dict, runs: int) -> tuple[list[dict], dict]:
+    """Batch-1 latency of PyTorch (eager, fused, bf16) and of every exported file, timed one after another
+    with nothing else running; returns (rows, the INT8 comparison: metric change and speed-up per file)."""
+    from .bench.onnx_compare import summarise
+    from .bench.timing import batch1_latency_ms
     from .layers.fuse import fuse_for_inference
     model = model.eval().float()
-    x = torch.randn(shape)
+    x = torch.randn(1, *task.input_shape())
     rows = [{"task": name, "runtime": "PyTorch fp32 eager", "ms": batch1_latency_ms(model, x, runs)}]
     fused = fuse_for_inference(model)
     rows.append({"task": name, "runtime": "PyTorch fp32 fused", "ms": batch1_latency_ms(fused, x, runs)})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rows.append({"task": name, "runtime": "PyTorch bf16 fused", "ms": batch1_latency_ms(fused, x, runs)})
-    onnx_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
-    # Detectors: the raw heads (decoded by the detector's own fp32 postprocess), which INT8 needs.
-    summary = export_onnx(model, task.example_inputs(1), onnx_path, task, mode=task.int8_mode)
-    calib = task.example_inputs(8 if runs < 10 else 64)
-    quantize_int8(onnx_path, int8_path, split_for_calibration(calib))
-    files = {"fp32": onnx_path, "int8": int8_path, **_openvino_models(task, onnx_path, calib),
-             **_litert_models(task, model, run_dir / "model.tflite", calib)}
-    # OpenVINO fp32 / bf16 and LiteRT fp32 compute what the fp32 file does (parity checked): timed only.
-    compared = compare_onnx(recipe, task, files, runs=runs,
-                            timed_only=("OpenVINO fp32", "OpenVINO bf16", "LiteRT fp32"))
-    for label, r in compared["rows"].items():
+    sample, compared = task.example_inputs(1), {}
+    for label, path in section["files"].items():
+        ms = round(batch1_latency_ms(_open(label, path), sample, runs), 2)
+        compared[label] = {**section["evaluated"][label], "latency_ms": ms}
         runtime = label if label.startswith(("OpenVINO", "LiteRT")) else f"ONNX Runtime {label}"
-        rows.append({"task": name, "runtime": runtime, "ms": r["latency_ms"], f"val_{compared['metric']}": r["metric"]})
-    return rows, {"parity": summary.get("parity"), "int8": compared}
+        rows.append({"task": name, "runtime": runtime, "ms": ms,
+                     f"val_{task.headline}": section["evaluated"][label]["metric"]})
+    return rows, summarise(task.headline, compared)
 
 
-def _openvino_models(task, onnx_path: Path, calib: torch.Tensor) -> dict:
+def _openvino_files(task, onnx_path: Path, calib: torch.Tensor) -> dict:
     """OpenVINO fp32 / bf16 on the export and NNCF INT8 beside it, when the openvino extra is installed."""
     try:
         import nncf  # noqa: F401
         import openvino  # noqa: F401
     except ImportError:
         return {}
-    from .deploy.openvino import OpenVinoModel, int8_path, quantize_openvino_int8
+    from .deploy.openvino import int8_path, quantize_openvino_int8
     from .deploy.quantize import split_for_calibration
     q = quantize_openvino_int8(onnx_path, int8_path(onnx_path), split_for_calibration(calib),
                                task.openvino_int8_options())
-    return {f"OpenVINO {p}": OpenVinoModel(q if p == "int8" else onnx_path, p) for p in ("fp32", "bf16", "int8")}
+    return {"OpenVINO fp32": onnx_path, "OpenVINO bf16": onnx_path, "OpenVINO int8": q}
 
 
-def _litert_models(task, model: torch.nn.Module, path: Path, calib: torch.Tensor) -> dict:
+def _litert_files(task, model: torch.nn.Module, path: Path, calib: torch.Tensor, threads: int) -> dict:
     """LiteRT fp32 (parity checked) and its full-integer INT8 file, when the litert extra is installed
     and the task's models have a LiteRT form (2-D ones)."""
     from .deploy import litert
@@ -126,9 +195,9 @@ def _litert_models(task, model: torch.nn.Module, path: Path, calib: torch.Tensor
     if litert.refusal(task):
         return {}
     from .deploy.quantize import split_for_calibration
-    litert.export_tflite(model, task.example_inputs(1), path, task, threads=torch.get_num_threads())
+    litert.export_tflite(model, task.example_inputs(1), path, task, threads=threads)
     q = litert.quantize_tflite_int8(path, litert.int8_path(path), split_for_calibration(calib))
-    return {"LiteRT fp32": litert.LiteRTModel(path), "LiteRT int8": litert.LiteRTModel(q)}
+    return {"LiteRT fp32": path, "LiteRT int8": q}
 
 
 def _low_precision_sentence(compared: dict, label: str, what: str) -> list[str]:
@@ -179,53 +248,40 @@ def _write_html(markdown_text: str, path: Path) -> None:
                     f"</head><body>{body}</body></html>\n")
 
 
-def _backbone_override(name: str, demo: DemoTask, out: Path) -> list[str]:
-    """`model.backbone_checkpoint` set to the model of the section this one starts from."""
-    if demo.backbone_from is None:
-        return []
-    source = out / demo.backbone_from / "model.safetensors"
-    if not source.is_file():
-        raise UserError(f"{source}: missing; the {name} demo starts from the {demo.backbone_from} demo's backbone, "
-                        f"so run that section first (--task {demo.backbone_from} --task {name})")
-    return [f"model.backbone_checkpoint={json.dumps(str(source))}"]
-
-
 def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> dict:
     """Train, evaluate, predict, export and time every task (or `tasks`); write report.md/.html."""
-    from tqdm import tqdm
-
     from .deploy.export import describe_parity
-    from .engine import fit
-    from .tasks import build_task, load_run
+    from .tasks import load_run
     names = tasks or list(DEMOS)
     unknown = [n for n in names if n not in DEMOS]
     if unknown:
         raise UserError(f"unknown demo task {unknown[0]!r}; expected one of {', '.join(DEMOS)}")
-    names = [n for n in DEMOS if n in names]  # a section that starts from another's backbone runs after it
+    names = [n for n in DEMOS if n in names]  # the report follows DEMOS
+    lanes = [[n for n in names if DEMOS[n].lane == lane] for lane in sorted({DEMOS[n].lane for n in names})]
     out.mkdir(parents=True, exist_ok=True)
-    lines, latency, results, t_all = ["# mobilezoo demo", ""], [], {}, time.time()
-    for name in tqdm(names, desc="demo", unit="task"):
-        demo, run_dir = DEMOS[name], out / name
-        overrides = [f"out={json.dumps(str(run_dir))}", *demo.overrides, *(demo.quick if quick else ()),
-                     *_backbone_override(name, demo, out)]
-        recipe = load_recipe(demo.recipe, overrides)
-        t0 = time.time()
-        metrics = fit(recipe, build_task(recipe), overwrite=True)  # a demo run replaces the last one
-        seconds = time.time() - t0
+    t_all = time.time()
+    print(f"demo: {' | '.join(', '.join(lane) for lane in lanes)}"
+          + (f" ({len(lanes)} lanes side by side)" if len(lanes) > 1 else ""), flush=True)
+    sections = _run_lanes(lanes, out, quick)
+    lines, latency, results = ["# mobilezoo demo", ""], [], {}
+    for name in names:
+        demo, run_dir, section = DEMOS[name], out / name, sections[name]
         recipe, task, model = load_run(run_dir)
-        rows, export = _deploy(name, recipe, task, model, (1, *task.input_shape()), run_dir, runs=3 if quick else 20)
+        rows, int8 = _latency(name, task, model, section, runs=3 if quick else 20)
         latency += rows
-        int8 = export["int8"]
-        results[name] = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                         "train_seconds": round(seconds, 1), "latency_ms": {r["runtime"]: r["ms"] for r in rows},
-                         "onnx_parity": export["parity"], "int8": int8}
+        (t0, t1), seconds = section["trained"], section["trained"][1] - section["trained"][0]
+        results[name] = {"metrics": section["metrics"], "train_seconds": round(seconds, 1),
+                         "lane": demo.lane, "trained_from_to_s": [round(t0 - t_all, 1), round(t1 - t_all, 1)],
+                         "latency_ms": {r["runtime"]: r["ms"] for r in rows}, "onnx_parity": section["parity"],
+                         "int8": int8}
         lines += [f"## {demo.title}", "",
-                  f"**{task.summary(metrics)}** after {recipe.train.epochs} epochs, trained in {seconds:.0f} s "
-                  f"on this machine (recipe `{demo.recipe}` with {', '.join(demo.overrides)}).", "",
+                  f"**{section['summary']}** after {section['epochs']} epochs, trained in "
+                  f"{seconds:.0f} s on this machine "
+                  f"(recipe `{demo.recipe}` with {', '.join(demo.overrides)}).", "",
                   *_embed_run_report(name, run_dir),
                   "| runtime | batch-1 latency (ms) |", "|---|---|",
                   *[f"| {r['runtime']} | {r['ms']:.1f} |" for r in rows], "",
-                  f"ONNX export `{name}/model.onnx`: {describe_parity(export['parity'])}. "
+                  f"ONNX export `{name}/model.onnx`: {describe_parity(section['parity'])}. "
                   f"INT8 (`{name}/model.int8.onnx`, static QDQ calibrated on "
                   f"training samples), on the whole val split with ONNX Runtime: {int8['metric']} "
                   f"{int8['rows']['fp32']['metric']:.4f} (fp32) -> {int8['rows']['int8']['metric']:.4f} (INT8), "
@@ -233,7 +289,6 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
                   f"{int8['rows']['int8']['size_mb'] / int8['rows']['fp32']['size_mb']:.2f}x the size.",
                   *_low_precision_sentence(int8, "OpenVINO", "NNCF, `model.openvino-int8.xml`"),
                   *_low_precision_sentence(int8, "LiteRT", "full-integer, `model.int8.tflite`"), ""]
-        print(f"demo {name}: {task.summary(metrics)} ({seconds:.0f} s)")
     _latency_chart(latency, out / "latency.png")
     lines += ["## Latency", "", "![batch-1 latency per runtime](latency.png)", "",
               f"Whole demo: {time.time() - t_all:.0f} s.", ""]

@@ -51,29 +51,37 @@ def test_demo_unknown_task_is_a_one_line_error(tmp_path, capsys):
     assert "segment3d" in capsys.readouterr().err  # the valid names are listed
 
 
-@pytest.mark.slow  # ~90 s: three tasks trained, exported, quantized and timed
+@pytest.mark.slow  # ~90 s: four tasks trained, exported, quantized and timed
 def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
-    """Every task's quick settings fit its data (the video task's batch once exceeded its subset)."""
+    """Every task's quick settings fit its data (the video task's batch once exceeded its subset), and the
+    detector's lane trains side by side with the other sections' lane."""
     monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--out", str(out)]
     assert main([*args, "--task", "segment", "--task", "detect", "--task", "segment3d", "--task", "video"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["detect", "segment", "segment3d", "video"]  # the segmenter after its backbone's detector
-    config = (out / "segment" / "config.yaml").read_text()
-    assert f"backbone_checkpoint: {out / 'detect' / 'model.safetensors'}" in config
+    assert list(results) == ["detect", "segment", "segment3d", "video"]  # the report in the demo's order
     expected = {"detect": ("map", 8), "segment": ("miou", 4), "segment3d": ("dice", 2), "video": ("top1", 8)}
     for name, (metric, count) in expected.items():
         int8 = results[name]["int8"]
         assert int8["metric"] == metric and int8["rows"]["fp32"]["count"] == count, name
         assert (out / name / "model.int8.onnx").is_file()
+    detect, first_other = results["detect"]["trained_from_to_s"], results["segment"]["trained_from_to_s"]
+    assert detect[0] < first_other[1] and first_other[0] < detect[1]  # trained at the same time
+    other = [results[n]["trained_from_to_s"] for n in ("segment", "segment3d", "video")]
+    assert all(a[1] <= b[0] for a, b in zip(other, other[1:]))  # one lane: one after another
 
 
-def test_demo_segment_without_its_detector_is_a_one_line_error(tmp_path, capsys):
-    assert main(["demo", "--task", "segment", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert str(tmp_path / "detect" / "model.safetensors") in err and "--task detect --task segment" in err
-    assert not (tmp_path / "segment").exists()  # refused before training
+def test_demo_error_in_a_lane_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A section that fails in its lane's process stops the demo with its one-line error, not a traceback."""
+    monkeypatch.setenv("MOBILEZOO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "detect").write_text("a file where the detector's run folder goes")
+    assert main(["demo", "--quick", "--out", str(out), "--task", "detect", "--task", "video"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mobilezoo demo: error:") and str(out / "detect") in err and "\n" not in err
+    assert not (out / "report.md").exists()
 
 
 def test_parity_sentence_of_a_network():

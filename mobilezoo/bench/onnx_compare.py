@@ -22,20 +22,40 @@ def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: in
     change and speed-up of each file relative to the first. A value is an ONNX file (run by ONNX
     Runtime) or a model already opened on an exported file (e.g. an OpenVinoModel). Labels in
     `timed_only` are timed but not evaluated (a runtime whose accuracy another row already shows)."""
-    ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
+    models = {label: _opened(path, threads) for label, path in files.items()}
+    rows = evaluate_files(recipe, task, models, timed_only=timed_only)
     x = task.example_inputs(1)
+    for label, model in models.items():
+        rows[label]["latency_ms"] = round(batch1_latency_ms(model, x, runs), 2)
+    return summarise(task.headline, rows)
+
+
+def evaluate_files(recipe, task, files: dict, threads: int | None = None, timed_only: tuple[str, ...] = ()) -> dict:
+    """{label: {"metric", "size_mb", "count"}}: each file's headline metric on the whole val split
+    (None for labels in `timed_only`), without timing."""
+    ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
     rows = {}
     for label, path in files.items():
-        model = path if hasattr(path, "session") else OrtModel(path, threads=threads)
+        model = _opened(path, threads)
         metrics = ({} if label in timed_only else
                    evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx))
         rows[label] = {"metric": float(metrics[task.headline]) if metrics else None,
-                       "latency_ms": round(batch1_latency_ms(model, x, runs), 2),
                        "size_mb": round(_file_size(model.path) / 1e6, 2), "count": metrics.get("count")}
+    return rows
+
+
+def summarise(metric: str, rows: dict) -> dict:
+    """`compare_onnx`'s result from rows holding "metric" and "latency_ms": the change and speed-up of
+    each row against the first."""
     base = next(iter(rows.values()))
-    return {"metric": task.headline, "rows": rows,
+    return {"metric": metric, "rows": rows,
             "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items() if r["metric"] is not None},
             "speedup": {k: round(base["latency_ms"] / r["latency_ms"], 3) for k, r in rows.items()}}
+
+
+def _opened(path, threads: int | None):
+    """An opened model as it is, an ONNX file opened with ONNX Runtime."""
+    return path if hasattr(path, "session") else OrtModel(path, threads=threads)
 
 
 def _file_size(path: Path) -> int:

@@ -204,11 +204,12 @@ def _any_rank(flag: bool, ctx: Context) -> bool:
 
 
 def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = None,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, progress: bool = True) -> dict:
     """Train per the recipe into `recipe.out`; with `resume`, continue from its last checkpoint
     (from the start if it has none yet); with `overwrite`, replace a run already in that folder.
 
-    `stop_after` ends this invocation after that many epochs, leaving a resumable run."""
+    `stop_after` ends this invocation after that many epochs, leaving a resumable run; `progress`
+    False prints the epoch lines without a per-step progress bar."""
     device = resolve_device(recipe.train.device)
     if recipe.train.qat:
         check_qat(recipe, task)
@@ -308,7 +309,7 @@ def fit(recipe: Recipe, task, resume: bool = False, stop_after: int | None = Non
             qat.eval_batchnorms()
         t0, seen, loss_sum, skipped = time.time(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.train.epochs}",
-                   disable=not ctx.dist.is_main, leave=False, dynamic_ncols=True)
+                   disable=not (progress and ctx.dist.is_main), leave=False, dynamic_ncols=True)
         for batch in bar:
             skipped += batch.pop("skipped", 0)
             # Every sample of a batch unreadable (on any rank): the step is skipped on all ranks
