@@ -34,13 +34,13 @@ class DemoTask:
 
 
 DEMOS: dict[str, DemoTask] = {
-    # 5 epochs (a sixth of the accuracy recipe), evaluated once: 99.44% in 37 s on one core.
+    # 5 epochs (a sixth of the accuracy recipe), evaluated once: 99.44% in 34-37 s on one core.
     "classify": DemoTask("Image classification: tiny-MOAT-0 on digits", "classify_digits",
                          ("train.epochs=5", "train.eval_every=5"),
                          ("train.epochs=2", "data.limit_train=256", "data.limit_val=128", "train.bn_recalibrate=2")),
     # The detector has a lane (one core) to itself while the other sections run in the second one.
     # 10 epochs at 256 px, batch 4 (twice the steps of batch 8), no SSD crops, lr 0.01, evaluated once:
-    # mAP 0.484, AP50 0.731 in ~700 s on one core (the recipe: 12 epochs at 320 px, batch 8, 14 min on
+    # mAP 0.484, AP50 0.731 in 686-697 s on one core (the recipe: 12 epochs at 320 px, batch 8, 14 min on
     # 2 cores for mAP 0.570). docs/demo.md has the ladder.
     "detect": DemoTask("Object detection: SSDLite + MobileDet-CPU on shapes", "detect_shapes",
                        ("train.epochs=10", "data.img_size=256", "data.batch_size=4", "data.augment.ssd_crop=0",
@@ -52,12 +52,11 @@ DEMOS: dict[str, DemoTask] = {
                         ("model.args.backbone=mobiledet_cpu", "train.epochs=3", "train.eval_every=3"),
                         ("train.epochs=1", "data.limit_train=16", "data.limit_val=4", "data.augment.resize=128",
                          "data.img_size=96", "train.bn_recalibrate=1")),
-    # 3 epochs; 4 gave mean Dice 0.933 on the phantom in ~40 s on 2 cores.
+    # 3 epochs: mean Dice 0.900 on the phantom in ~60 s on one core (4 gave 0.933 in ~40 s on 2 cores).
     "segment3d": DemoTask("3-D segmentation: reversible MBConv U-Net on the BraTS phantom", "segment_brats_phantom",
                           ("train.epochs=3",),
                           ("train.epochs=1", "data.limit_train=4", "data.limit_val=2")),
-    # 25 of the accuracy recipe's 40 epochs (15 gave 88.75% single-view in 67 s on one core; 20 gave
-    # 95.0-98.1% and 30 98.75-100% on 2 cores).
+    # 25 of the accuracy recipe's 40 epochs: 99.38% in 113 s on one core (15 gave 88.75%).
     "video": DemoTask("Video recognition: SqueezeTime (mini) on motion clips", "video_motion",
                       ("train.epochs=25",),
                       ("train.epochs=1", "data.limit_train=16", "data.limit_val=8", "data.batch_size=8")),
@@ -106,15 +105,13 @@ def _run_lane(names: list[str], out: Path, quick: bool, threads: int, progress: 
     return {name: _train_and_export(name, out, quick, threads, progress) for name in names}
 
 
-def _run_lanes(lanes: list[list[str]], out: Path, quick: bool) -> dict[str, dict]:
-    """Every lane at once, each in a process of its own with an equal share of the cores (training a
-    small model scales poorly past one core: two lanes on two cores finish far sooner than one after
-    the other); a single lane runs here on all of them. The first error stops every lane."""
-    cores = max(1, torch.get_num_threads())
+def _run_lanes(lanes: list[list[str]], out: Path, quick: bool, threads: int) -> dict[str, dict]:
+    """Every lane at once, each in a process of its own on `threads` threads (training a small model
+    scales poorly past one core: two lanes on two cores finish far sooner than one after the other);
+    a single lane runs in this process. The first error stops every lane."""
     if len(lanes) == 1:
-        return _run_lane(lanes[0], out, quick, cores)
+        return _run_lane(lanes[0], out, quick, threads)
     import multiprocessing
-    threads = max(1, cores // len(lanes))
     context = multiprocessing.get_context("spawn")
     with context.Pool(len(lanes), initializer=_line_buffered) as pool:
         # No progress bars: two would overwrite each other; the epoch lines stay.
@@ -262,8 +259,14 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
     t_all = time.time()
     print(f"demo: {' | '.join(', '.join(lane) for lane in lanes)}"
           + (f" ({len(lanes)} lanes side by side)" if len(lanes) > 1 else ""), flush=True)
-    sections = _run_lanes(lanes, out, quick)
+    threads = max(1, torch.get_num_threads() // len(lanes))  # the cores shared out between the lanes
+    sections = _run_lanes(lanes, out, quick, threads)
     lines, latency, results = ["# mobilezoo demo", ""], [], {}
+    if len(lanes) > 1:
+        lines += [f"The sections trained in {len(lanes)} lanes side by side, each a process on "
+                  f"{threads} of this machine's threads: "
+                  f"{'; '.join(', '.join(lane) for lane in lanes)}. Latencies were timed at the end, "
+                  "one runtime after another, with nothing else running.", ""]
     for name in names:
         demo, run_dir, section = DEMOS[name], out / name, sections[name]
         recipe, task, model = load_run(run_dir)

@@ -70,6 +70,8 @@ def test_demo_quick_runs_the_other_tasks_on_their_data(tmp_path, monkeypatch):
     assert detect[0] < first_other[1] and first_other[0] < detect[1]  # trained at the same time
     other = [results[n]["trained_from_to_s"] for n in ("segment", "segment3d", "video")]
     assert all(a[1] <= b[0] for a, b in zip(other, other[1:]))  # one lane: one after another
+    assert "2 lanes side by side" in (out / "report.md").read_text() and "detect; segment, segment3d, video" in \
+        (out / "report.md").read_text()
 
 
 def test_demo_error_in_a_lane_is_a_one_line_error(tmp_path, monkeypatch, capsys):
