@@ -32,7 +32,8 @@ def partitions(path: str, threads: int = 1) -> dict:
         stack += [int(t) for t in ops[node]["inputs"] if t >= 0]
     count = collections.Counter(op["op_name"] for op in ops)
     outside = collections.Counter(ops[n]["op_name"] for n in reached if ops[n]["op_name"] != DELEGATE)
-    return {"partitions": count.pop(DELEGATE, 0), "ops": dict(count.most_common()), "outside": dict(outside.most_common())}
+    return {"partitions": count.pop(DELEGATE, 0), "ops": dict(count.most_common()),
+            "outside": dict(outside.most_common())}
 
 
 def main() -> None:
