@@ -4,8 +4,10 @@ Per task: train (a demo-sized recipe), evaluate, predict on val samples (the run
 figures: confusion matrix, detections, segmentation overlays, labelled clips), export to ONNX
 with a parity check, quantize to INT8 and evaluate both ONNX files on the val split (and, with
 the extras installed, OpenVINO's NNCF INT8 and LiteRT's full-integer INT8 files), and time
-batch-1 inference with each runtime. Writes `OUT/report.md`,
-`OUT/report.html`, `OUT/latency.png` and one run directory per task.
+batch-1 inference with each runtime. The sections run in lanes side by side (`DemoTask.lane`: the
+detector alone in one, the others in turn in the other), each a process on its share of the cores;
+the timing comes last, with nothing else running. Writes `OUT/report.md`, `OUT/report.html`,
+`OUT/latency.png` and one run directory per task.
 """
 from __future__ import annotations
 
