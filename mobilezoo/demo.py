@@ -274,7 +274,8 @@ def run_demo(out: Path, quick: bool = False, tasks: list[str] | None = None) -> 
         recipe, task, model = load_run(run_dir)
         rows, int8 = _latency(name, task, model, section, runs=3 if quick else 20)
         latency += rows
-        (t0, t1), seconds = section["trained"], section["trained"][1] - section["trained"][0]
+        t0, t1 = section["trained"]
+        seconds = t1 - t0
         results[name] = {"metrics": section["metrics"], "train_seconds": round(seconds, 1),
                          "lane": demo.lane, "trained_from_to_s": [round(t0 - t_all, 1), round(t1 - t_all, 1)],
                          "latency_ms": {r["runtime"]: r["ms"] for r in rows}, "onnx_parity": section["parity"],

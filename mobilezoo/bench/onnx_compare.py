@@ -22,7 +22,8 @@ def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: in
     change and speed-up of each file relative to the first. A value is an ONNX file (run by ONNX
     Runtime) or a model already opened on an exported file (e.g. an OpenVinoModel). Labels in
     `timed_only` are timed but not evaluated (a runtime whose accuracy another row already shows)."""
-    models = {label: _opened(path, threads) for label, path in files.items()}
+    models = {label: path if hasattr(path, "session") else OrtModel(path, threads=threads)
+              for label, path in files.items()}
     rows = evaluate_files(recipe, task, models, timed_only=timed_only)
     x = task.example_inputs(1)
     for label, model in models.items():
@@ -30,13 +31,12 @@ def compare_onnx(recipe, task, files: dict, threads: int | None = None, runs: in
     return summarise(task.headline, rows)
 
 
-def evaluate_files(recipe, task, files: dict, threads: int | None = None, timed_only: tuple[str, ...] = ()) -> dict:
-    """{label: {"metric", "size_mb", "count"}}: each file's headline metric on the whole val split
-    (None for labels in `timed_only`), without timing."""
+def evaluate_files(recipe, task, models: dict, timed_only: tuple[str, ...] = ()) -> dict:
+    """{label: {"metric", "size_mb", "count"}}: the headline metric of each model opened on an exported
+    file, on the whole val split (None for labels in `timed_only`), without timing."""
     ctx = Context(torch.device("cpu"), "fp32", channels_last=False)
     rows = {}
-    for label, path in files.items():
-        model = _opened(path, threads)
+    for label, model in models.items():
         metrics = ({} if label in timed_only else
                    evaluate(model, eval_loader(task, task.val_dataset(), recipe, ctx), task, ctx))
         rows[label] = {"metric": float(metrics[task.headline]) if metrics else None,
@@ -51,11 +51,6 @@ def summarise(metric: str, rows: dict) -> dict:
     return {"metric": metric, "rows": rows,
             "change": {k: round(r["metric"] - base["metric"], 5) for k, r in rows.items() if r["metric"] is not None},
             "speedup": {k: round(base["latency_ms"] / r["latency_ms"], 3) for k, r in rows.items()}}
-
-
-def _opened(path, threads: int | None):
-    """An opened model as it is, an ONNX file opened with ONNX Runtime."""
-    return path if hasattr(path, "session") else OrtModel(path, threads=threads)
 
 
 def _file_size(path: Path) -> int:
